@@ -1,0 +1,113 @@
+"""``specprune analyze MODEL... --data D --out DIR``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, ExcludeOpt, FormatOpt,
+                     IncludeOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt, SeqLenOpt,
+                     TrustOpt, command, console)
+
+EPILOG = """Examples:
+
+  specprune analyze ./my-bert --data corpus.txt --out analysis/
+
+  specprune analyze ckpt-100 ckpt-1000 ckpt-10000 --data text/ --out series/ --format json
+"""
+
+
+def _step_of(path: str, index: int) -> int:
+    nums = re.findall(r"\d+", Path(path).name)
+    return int(nums[-1]) if nums else index
+
+
+def render_analysis(doc: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{doc['model']['source']}  ·  {doc['calibration']['tokens']} tokens", show_lines=False)
+    for col in ("layer", "type", "d_in", "d_out", "b", "a", "k*", "k_max", "r*", "eff. rank"):
+        t.add_column(col, justify="left" if col in ("layer", "type") else "right")
+
+    def f(v, fmt="{:.2f}"):
+        return "–" if v is None else fmt.format(v)
+
+    for lay in doc["layers"]:
+        t.add_row(lay["name"], lay["type"], str(lay["d_in"]), str(lay["d_out"]), f(lay["b"]), f(lay["a"]),
+                  "none" if lay["k_star"] is None else str(lay["k_star"]), str(lay["k_max"]),
+                  f(lay["r_star"], "{:.0%}"), f(lay.get("effective_rank"), "{:.0f}"))
+    console().print(t)
+
+
+def analyze_cmd(
+    models: Annotated[list[str], typer.Argument(help="Model(s): HF dir, state dict (+ --arch) or specprune dir. "
+                                                "Several = a series (e.g. training checkpoints).")],
+    data: DataOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Directory for analysis.json and spectra.")] = None,
+    samples: SamplesOpt = 128,
+    seq_len: SeqLenOpt = 128,
+    batch_size: BatchSizeOpt = 8,
+    seed: SeedOpt = 0,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    arch: ArchOpt = None,
+    trust_remote_code: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    fmt: FormatOpt = OutputFormat.human,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Hook every layer, stream the calibration data, and report each layer's spectrum, power-law
+    fits (b, a) and learning frontier k*."""
+    run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, exclude, arch,
+                trust_remote_code, device, overwrite, fmt, quiet)
+
+
+analyze_cmd = command(analyze_cmd)
+
+
+def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, exclude, arch, trust,
+                device, overwrite, fmt, quiet):
+    from ..analysis import analyze
+    from ..data import load_data
+    from ..errors import InputError
+    from ..io import check_output_path, output_dir
+    from ..models import load_model
+
+    ctx = Ctx(fmt, quiet)
+    if not data:
+        raise InputError("analyze needs calibration data: --data FILE_OR_DIR")
+    if out is not None:
+        check_output_path(out, [*models, *data], overwrite)
+    results = []
+    for i, m in enumerate(models):
+        loaded = load_model(m, arch=arch, trust_remote_code=trust)
+        batches = load_data(data, loaded.tokenizer, samples=samples, seq_len=seq_len, batch_size=batch_size,
+                            seed=seed)
+        ctx.info(f"analysing {m}: {batches.samples} windows, {batches.tokens} tokens")
+        res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=str(m))
+        results.append((m, res))
+    docs = [r.to_dict() for _, r in results]
+    if out is not None:
+        with output_dir(out, [*models, *data], overwrite) as tmp:
+            if len(results) == 1:
+                results[0][1].save(tmp)
+            else:
+                series = []
+                for i, (m, r) in enumerate(results):
+                    sub = f"{i:03d}-{Path(m).name}"
+                    r.save(tmp / sub)
+                    series.append({"model": str(m), "dir": sub, "step": _step_of(str(m), i)})
+                from ..io import dumps
+
+                (tmp / "series.json").write_text(dumps({"series": series}), encoding="utf-8")
+    if len(docs) == 1:
+        ctx.emit(docs[0], render_analysis)
+    else:
+        ctx.emit({"series": docs}, lambda d: [render_analysis(x) for x in d["series"]])
+    if out is not None:
+        ctx.info(f"wrote {out}")

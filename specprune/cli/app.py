@@ -1,0 +1,56 @@
+"""The typer application: one module per command group, mounted here."""
+
+from __future__ import annotations
+
+import typer
+
+from . import analyze
+
+app = typer.Typer(
+    name="specprune",
+    help="Spectral compression analysis: measure layer spectra, recommend pruning rates and bit-widths "
+         "with a predicted loss increase, apply them, and measure.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+app.command("analyze", epilog=analyze.EPILOG)(analyze.analyze_cmd)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"specprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """specprune: spectra → recommendation → compression → measurement."""
+
+
+def _mount_optional() -> None:
+    import importlib
+
+    for mod_name, attr in (("theory", "app"),):
+        try:
+            mod = importlib.import_module(f".{mod_name}", __package__)
+        except ImportError:
+            continue
+        app.add_typer(getattr(mod, attr), name=mod_name)
+    for mod_name in ("recommend", "compress_cmds", "evaluate", "report", "demo", "plugins"):
+        try:
+            mod = importlib.import_module(f".{mod_name}", __package__)
+        except ImportError:
+            continue
+        mod.register(app)
+
+
+_mount_optional()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,123 @@
+"""``specprune recommend ANALYSIS_DIR|MODEL --data D --tolerance T --out PLAN``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, ExcludeOpt, FormatOpt,
+                     IncludeOpt, MetricOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt, SeqLenOpt,
+                     ToleranceOpt, TrustOpt, command, console, parse_csv_ints)
+
+EPILOG = """Examples:
+
+  specprune recommend analysis/ --data corpus.txt --tolerance 0.02 --out plan.json
+
+  specprune recommend ./my-bert --data corpus.txt --tolerance 0.01 --methods quantize --bits-choices 4,8
+"""
+
+MethodsOpt = Annotated[str, typer.Option("--methods", help="What the plan may use: prune, quantize or both.")]
+BitsChoicesOpt = Annotated[str, typer.Option("--bits-choices", help="Bit-widths to consider (2..8).")]
+GroupSizeOpt = Annotated[Optional[int], typer.Option("--group-size", help="Group size for per-group scales "
+                                                     "(0 = per-channel only; default: per-channel and 128).")]
+PruneMethodOpt = Annotated[str, typer.Option("--prune-method", help="Low-rank truncation: whitened or spectral.")]
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    from ..errors import InputError
+
+    ms = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in ms if m not in ("prune", "quantize")]
+    if bad or not ms:
+        raise InputError(f"--methods takes prune, quantize or prune,quantize; got {text!r}")
+    return ms
+
+
+def group_sizes_from(opt: int | None) -> tuple:
+    from ..errors import InputError
+
+    if opt is None:
+        return (None, 128)
+    if opt < 0:
+        raise InputError(f"--group-size must be ≥ 0, got {opt}")
+    return (None,) if opt == 0 else (None, opt)
+
+
+def render_plan(doc: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"plan for tolerance {doc['tolerance']:g} ({doc['metric']}): predicted delta "
+                    f"{doc['predicted_delta']:.4g} ± {doc['predicted_delta_uncertainty']:.2g}")
+    for col in ("layer", "method", "rank", "prune rate", "bits", "group", "predicted δ"):
+        t.add_column(col, justify="left" if col in ("layer", "method") else "right")
+    for name, lp in doc["layers"].items():
+        t.add_row(name, lp["method"] or "–", str(lp["rank"] or "–"), f"{lp['prune_rate']:.0%}",
+                  str(lp["bits"] or "–"), str(lp["group_size"] or "–"), f"{lp['predicted_delta']:.2e}")
+    console().print(t)
+    s = doc.get("size") or {}
+    if s:
+        console().print(f"size: {s['bits_before'] / 8e6:.2f} MB → {s['bits_after'] / 8e6:.2f} MB "
+                        f"({s['bits_after'] / max(s['bits_before'], 1):.1%}), params {s['params_before']:,} → "
+                        f"{s['params_after']:,}")
+
+
+def recommend_cmd(
+    target: Annotated[str, typer.Argument(help="An analysis directory (from analyze) or a model.")],
+    tolerance: ToleranceOpt = 0.02,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write plan.json.")] = None,
+    data: DataOpt = None,
+    methods: MethodsOpt = "prune,quantize",
+    bits_choices: BitsChoicesOpt = "2,3,4,5,6,8",
+    group_size: GroupSizeOpt = None,
+    prune_method: PruneMethodOpt = "whitened",
+    metric: MetricOpt = "auto",
+    samples: SamplesOpt = 128,
+    seq_len: SeqLenOpt = 128,
+    batch_size: BatchSizeOpt = 8,
+    seed: SeedOpt = 0,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    arch: ArchOpt = None,
+    trust_remote_code: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    fmt: FormatOpt = OutputFormat.human,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Per-layer ranks and bit-widths that keep the predicted metric increase under --tolerance at the
+    smallest size, with sensitivities calibrated on --data."""
+    from ..errors import InputError
+    from ..io import check_output_path
+    from ..pipeline import DataSpec, analysis_or_model
+    from ..recommender import recommend
+
+    ctx = Ctx(fmt, quiet)
+    if not tolerance > 0:
+        raise InputError(f"--tolerance must be > 0, got {tolerance}")
+    if prune_method not in ("whitened", "spectral"):
+        raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
+    ms = parse_methods(methods)
+    bits = parse_csv_ints(bits_choices, "--bits-choices")
+    spec = DataSpec(data, None, samples, seq_len, batch_size, seed)
+    inputs = [target, *(data or [])]
+    if out is not None:
+        check_output_path(out, inputs, overwrite)
+    analysis, loaded = analysis_or_model(target, arch, trust_remote_code, include, exclude, device, spec,
+                                         ctx.info)
+    calib = spec.calibration(loaded.tokenizer) if data else None
+    plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=ms, bits_choices=bits,
+                     group_sizes=group_sizes_from(group_size), prune_method=prune_method,
+                     source=loaded.source, seed=seed)
+    if out is not None:
+        plan.save(out, inputs=inputs, overwrite=overwrite)
+    doc = plan.to_dict()
+    ctx.emit(doc, render_plan)
+    if out is not None:
+        ctx.info(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("recommend", epilog=EPILOG)(command(recommend_cmd))

@@ -1,0 +1,297 @@
+"""Calibration and evaluation data.
+
+Text (``.txt``, ``.jsonl`` with a ``text`` field, or directories of them) is tokenized with
+the model's tokenizer into one token stream and cut into non-overlapping windows of
+``seq_len`` tokens (special tokens such as [CLS]/[SEP] included in the count). The windows
+are shuffled once with ``seed``; 25% of them (at least one) are held apart for evaluation
+and ``samples`` windows are drawn, without replacement, from the rest for calibration.
+Tensor files (``.pt``/``.safetensors`` holding ``input`` and optional ``labels``, or a
+``.npy`` array) serve non-text models; from Python any iterable of batches (tensors or dicts
+of tensors) works. A batch is always a dict; ``attention_mask`` marks the positions that
+count (padding is masked and never enters a covariance or a metric).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
+EVAL_FRACTION = 0.25
+
+
+@dataclass
+class Batches:
+    """A list of batches (dicts of tensors) and how they were made."""
+
+    batches: list[dict[str, torch.Tensor]]
+    samples: int
+    seq_len: int | None
+    seed: int
+    sources: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def tokens(self) -> int:
+        """Positions that count (attention mask), over all batches."""
+        return sum(count_tokens(b) for b in self.batches)
+
+    def describe(self) -> dict:
+        return {"tokens": self.tokens, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    x = batch.get("input_ids", batch.get("input"))
+    if x is None:
+        return 0
+    return int(x.shape[0] * (x.shape[1] if x.dim() > 1 and "input_ids" in batch else 1))
+
+
+def _collect_files(paths: Sequence[str | os.PathLike], suffixes) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise InputError(f"data not found: {p}")
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in suffixes)
+            if not found:
+                raise InputError(f"data directory {p} holds no {'/'.join(suffixes)} files")
+            files.extend(found)
+        elif path.suffix in suffixes:
+            files.append(path)
+        else:
+            raise InputError(f"unsupported data file {p}: expected {', '.join(suffixes)} or a directory")
+    return files
+
+
+def is_text_data(paths: Sequence[str | os.PathLike]) -> bool:
+    """True when the paths are text (files or directories of .txt/.jsonl)."""
+    for p in paths:
+        path = Path(p)
+        if path.is_file() and path.suffix in TENSOR_SUFFIXES:
+            return False
+    return True
+
+
+def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Documents from .txt files (one per file) and .jsonl lines (the ``text`` field)."""
+    docs: list[str] = []
+    for f in _collect_files(paths, TEXT_SUFFIXES):
+        try:
+            raw = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{f} is not UTF-8 text (byte {err.start}): convert it to UTF-8") from None
+        except OSError as err:
+            raise InputError(f"cannot read {f}: {err.strerror or err}") from None
+        if f.suffix == ".jsonl":
+            for i, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{f}:{i} is not valid JSON: {err.msg}") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise InputError(f"{f}:{i} has no string 'text' field")
+                docs.append(obj["text"])
+        else:
+            docs.append(raw)
+    if not any(d.strip() for d in docs):
+        raise InputError("the calibration text is empty")
+    return docs
+
+
+def tokenize_stream(tokenizer, docs: Sequence[str]) -> list[int]:
+    """One token stream (no special tokens); paragraphs are tokenized separately to stay fast and
+    below the tokenizer's length warnings."""
+    ids: list[int] = []
+    paragraphs = [p for d in docs for p in d.split("\n\n") if p.strip()]
+    chunk = 256
+    for i in range(0, len(paragraphs), chunk):
+        enc = tokenizer(paragraphs[i:i + chunk], add_special_tokens=False, return_attention_mask=False,
+                        verbose=False)
+        for seq in enc["input_ids"]:
+            ids.extend(seq)
+    return ids
+
+
+def _special_count(tokenizer) -> int:
+    try:
+        return len(tokenizer.build_inputs_with_special_tokens([]))
+    except Exception:
+        return 0
+
+
+def text_windows(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor:
+    """All non-overlapping windows of the stream, each ``seq_len`` tokens with specials added."""
+    if seq_len <= 0:
+        raise InputError(f"--seq-len must be positive, got {seq_len}")
+    if tokenizer is None:
+        raise InputError("text data needs a tokenizer, and the model has none (add tokenizer files to "
+                         "the model directory or use tensor data)")
+    n_special = _special_count(tokenizer)
+    body = seq_len - n_special
+    if body <= 0:
+        raise InputError(f"--seq-len {seq_len} leaves no room next to {n_special} special tokens")
+    ids = tokenize_stream(tokenizer, docs)
+    n = len(ids) // body
+    if n < 1:
+        raise InputError(f"the text is too short: {len(ids)} tokens make no window of {seq_len} "
+                         f"(need at least {body} tokens)")
+    rows = []
+    for i in range(n):
+        piece = ids[i * body:(i + 1) * body]
+        rows.append(tokenizer.build_inputs_with_special_tokens(piece) if n_special else piece)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def split_indices(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle ``n`` windows once; (calibration pool, held-apart evaluation windows).
+    With a single window both use it (nothing can be held apart)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    if n < 2:
+        return perm, perm
+    n_eval = max(1, int(round(EVAL_FRACTION * n)))
+    return perm[n_eval:], perm[:n_eval]
+
+
+def _batched(x: torch.Tensor, batch_size: int, extra: dict[str, torch.Tensor] | None = None,
+             key: str = "input_ids") -> list[dict[str, torch.Tensor]]:
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        b = {key: x[i:i + batch_size]}
+        if key == "input_ids":
+            b["attention_mask"] = torch.ones_like(b[key])
+        for k, v in (extra or {}).items():
+            b[k] = v[i:i + batch_size]
+        out.append(b)
+    return out
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """``input`` (and optional ``labels``) from .pt / .safetensors / .npy."""
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(str(path), allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise InputError(f"cannot read {path} as a numpy array: {err}") from None
+        return {"input": torch.from_numpy(np.ascontiguousarray(arr))}
+    from .models import read_state_dict
+
+    tensors = read_state_dict(path)
+    if "input" not in tensors:
+        raise InputError(f"{path} holds no 'input' tensor (found: {', '.join(sorted(tensors)) or 'none'})")
+    out = {"input": tensors["input"]}
+    if "labels" in tensors:
+        out["labels"] = tensors["labels"]
+    return out
+
+
+def load_data(paths: Sequence[str | os.PathLike], tokenizer=None, *, samples: int = 128, seq_len: int = 128,
+              batch_size: int = 8, seed: int = 0, split: str = "calibration") -> Batches:
+    """Batches for ``split`` = "calibration" (drawn from the non-held-apart windows), "evaluation"
+    (the held-apart windows) or "all" (every window, e.g. for --eval-data)."""
+    if samples <= 0:
+        raise InputError(f"--samples must be positive, got {samples}")
+    if seq_len <= 0:
+        raise InputError(f"--seq-len must be positive, got {seq_len}")
+    if not paths:
+        raise InputError("no data given (--data)")
+    names = [str(p) for p in paths]
+    if is_text_data(paths):
+        windows = text_windows(tokenizer, read_texts(paths), seq_len)
+        return _select(windows, {}, "input_ids", samples, batch_size, seed, split, seq_len, names)
+    tensors: dict[str, list[torch.Tensor]] = {}
+    for f in _collect_files(paths, TENSOR_SUFFIXES):
+        for k, v in read_tensor_file(f).items():
+            tensors.setdefault(k, []).append(v)
+    try:
+        merged = {k: torch.cat(v) for k, v in tensors.items()}
+    except RuntimeError as err:
+        raise InputError(f"tensor data files do not fit together: {str(err).splitlines()[0]}") from None
+    x = merged.pop("input")
+    if x.shape[0] == 0:
+        raise InputError("the tensor data is empty")
+    if "labels" in merged and merged["labels"].shape[0] != x.shape[0]:
+        raise InputError("'labels' and 'input' have different numbers of samples")
+    return _select(x, merged, "input", samples, batch_size, seed, split, None, names)
+
+
+def _select(x, extra, key, samples, batch_size, seed, split, seq_len, names) -> Batches:
+    n = x.shape[0]
+    if split == "all":
+        idx = np.random.default_rng(seed).permutation(n)[:samples]
+    else:
+        calib, held = split_indices(n, seed)
+        idx = held if split == "evaluation" else calib[:samples]
+    idx_t = torch.as_tensor(np.sort(idx) if split == "evaluation" else idx, dtype=torch.long)
+    sel = x[idx_t]
+    ext = {k: v[idx_t] for k, v in extra.items()}
+    return Batches(_batched(sel, batch_size, ext, key), int(sel.shape[0]), seq_len, seed, names)
+
+
+def from_iterable(data: Iterable[Any], seed: int = 0) -> Batches:
+    """Wrap any iterable of batches (tensors or dicts of tensors) from the Python API."""
+    if isinstance(data, Batches):
+        return data
+    batches: list[dict[str, torch.Tensor]] = []
+    for item in data:
+        if isinstance(item, torch.Tensor):
+            batches.append({"input": item})
+        elif isinstance(item, dict):
+            batches.append(dict(item))
+        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+            b = {"input": item[0]}
+            if len(item) > 1 and isinstance(item[1], torch.Tensor):
+                b["labels"] = item[1]
+            batches.append(b)
+        else:
+            raise InputError(f"a data batch must be a tensor or a dict of tensors, got {type(item).__name__}")
+    if not batches:
+        raise InputError("the data iterable is empty")
+    samples = sum(int(next(iter(b.values())).shape[0]) for b in batches)
+    seq = None
+    if "input_ids" in batches[0] and batches[0]["input_ids"].dim() == 2:
+        seq = int(batches[0]["input_ids"].shape[1])
+    return Batches(batches, samples, seq, seed, ["<python iterable>"])
+
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def forward(model, batch: dict[str, torch.Tensor], device=None):
+    """Run the model on a batch: HF-style keyword inputs, else the ``input`` tensor positionally."""
+    if device is not None:
+        batch = to_device(batch, device)
+    if "input" in batch:
+        return model(batch["input"])
+    kwargs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    return model(**kwargs)
+
+
+def attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    m = batch.get("attention_mask")
+    return m if isinstance(m, torch.Tensor) else None

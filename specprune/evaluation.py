@@ -1,0 +1,241 @@
+"""Metrics and measured deltas (contract: "Metric and tolerance").
+
+* ``lm-loss`` — causal LMs: mean next-token cross-entropy over counted positions;
+  delta = (L̃ − L)/L.
+* ``task-loss`` — batches with ``labels``: the model's own loss when it returns one, else
+  cross-entropy (integer labels) or MSE (float labels) on the output; delta = (L̃ − L)/L.
+* ``output-mse`` — anything else: Σ‖f̃(x) − f(x)‖² / Σ‖f(x)‖² over all counted positions
+  (ratio of sums, masked by the attention mask), f = ``logits`` if present, else
+  ``last_hidden_state``, else the first tensor of the output.
+* ``module:callable`` — a user function ``fn(model, batch) -> (sum, count)``; delta = relative change
+  of the mean.
+
+An :class:`Evaluator` computes the reference once and then measures any number of compressed
+variants against it (what sweeps and calibration need).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Batches, forward, to_device
+from .errors import InputError
+from .progress import track
+
+METRICS = ("auto", "lm-loss", "task-loss", "output-mse")
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The tensor a model's output is judged by: logits, else last_hidden_state, else the first."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        v = getattr(out, key, None) if not isinstance(out, dict) else out.get(key)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, (tuple, list)):
+        for v in out:
+            if isinstance(v, torch.Tensor):
+                return v
+    if isinstance(out, dict):
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    values = getattr(out, "values", None)
+    if callable(values):
+        for v in values():
+            if isinstance(v, torch.Tensor):
+                return v
+    raise InputError(f"cannot find a tensor in the model output ({type(out).__name__})")
+
+
+def resolve_metric(name: str, model: nn.Module, batches: Batches) -> str:
+    """``auto`` → lm-loss for causal LMs, task-loss when batches carry labels, else output-mse."""
+    from .models import is_causal_lm
+
+    name = (name or "auto").strip()
+    if name == "auto":
+        if is_causal_lm(model) and "input_ids" in batches.batches[0]:
+            return "lm-loss"
+        if "labels" in batches.batches[0]:
+            return "task-loss"
+        return "output-mse"
+    if name in METRICS or ":" in name:
+        if name == "lm-loss" and "input_ids" not in batches.batches[0]:
+            raise InputError("--metric lm-loss needs token data (input_ids)")
+        if name == "task-loss" and "labels" not in batches.batches[0]:
+            raise InputError("--metric task-loss needs data with labels")
+        return name
+    import difflib
+
+    close = difflib.get_close_matches(name, METRICS, n=1)
+    raise InputError(f"unknown metric {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                     + f" (known: {', '.join(METRICS)}, or module:callable)")
+
+
+def _lm_loss_sum(model, batch, device) -> tuple[float, int]:
+    b = to_device(batch, device)
+    logits = output_tensor(forward(model, b)).float()
+    ids = b["input_ids"]
+    mask = b.get("attention_mask", torch.ones_like(ids)).bool()
+    lg = logits[:, :-1]
+    tgt = ids[:, 1:]
+    m = mask[:, 1:] & mask[:, :-1]
+    loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+    loss = loss.reshape(tgt.shape)[m]
+    return float(loss.double().sum()), int(m.sum())
+
+
+def _task_loss_sum(model, batch, device) -> tuple[float, int]:
+    b = to_device(batch, device)
+    labels = b["labels"]
+    if "input" not in b:
+        out = model(**{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids",
+                                                          "labels")})
+        loss = getattr(out, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            n = int(labels.shape[0])
+            return float(loss.double()) * n, n
+        pred = output_tensor(out)
+    else:
+        pred = output_tensor(model(b["input"]))
+    pred = pred.float()
+    if labels.dtype in (torch.long, torch.int, torch.int32, torch.int64):
+        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), reduction="sum")
+        return float(loss.double()), int(labels.numel())
+    loss = F.mse_loss(pred, labels.float().reshape(pred.shape), reduction="sum")
+    return float(loss.double()), int(labels.shape[0])
+
+
+def _masked_output(model, batch, device) -> torch.Tensor:
+    """The output positions that count, as (positions, features) float32 on CPU."""
+    b = to_device(batch, device)
+    y = output_tensor(forward(model, b)).float()
+    m = b.get("attention_mask")
+    if isinstance(m, torch.Tensor) and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(m.shape):
+        y = y[m.bool()]
+    return y.reshape(y.shape[0], -1).cpu() if y.dim() > 1 else y.reshape(-1, 1).cpu()
+
+
+@dataclass
+class Evaluation:
+    """evaluation.json (contract fields plus extras)."""
+
+    metric: str
+    reference_value: float
+    value: float
+    measured_delta: float
+    predicted_delta: float | None = None
+    plan: str | None = None
+    output: str | None = None
+    size: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"metric": self.metric, "reference_value": self.reference_value, "value": self.value,
+             "measured_delta": self.measured_delta, "predicted_delta": self.predicted_delta,
+             "plan": self.plan, "output": self.output, "size": self.size}
+        d.update(self.extra)
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+class Evaluator:
+    """Reference statistics computed once; ``delta(model)`` measures a variant against them."""
+
+    def __init__(self, reference: nn.Module, batches: Batches, metric: str = "auto", device=None,
+                 description: str = "reference"):
+        self.batches = batches
+        self.device = device
+        self.metric = resolve_metric(metric, reference, batches)
+        self._custom: Callable | None = None
+        if ":" in self.metric:
+            from .models import import_callable
+
+            self._custom = import_callable(self.metric)
+        self._ref_outputs: list[torch.Tensor] = []
+        with torch.inference_mode():
+            if self.metric == "output-mse":
+                num = 0.0
+                count = 0
+                for b in track(batches, description):
+                    y = _masked_output(reference, b, device)
+                    self._ref_outputs.append(y)
+                    num += float(y.double().pow(2).sum())
+                    count += y.shape[0]
+                self.reference_sum = num
+                self.reference_value = num / max(count, 1)
+                self.count = count
+            else:
+                self.reference_value = self._mean(reference, description)
+        if not (self.reference_value == self.reference_value) or self.reference_value == 0:
+            raise InputError(f"the reference {self.metric} is {self.reference_value}: a relative delta "
+                             "is undefined (check the data and the model)")
+
+    def _sum(self, model, batch) -> tuple[float, int]:
+        if self._custom is not None:
+            s, n = self._custom(model, to_device(batch, self.device))
+            return float(s), int(n)
+        if self.metric == "lm-loss":
+            return _lm_loss_sum(model, batch, self.device)
+        return _task_loss_sum(model, batch, self.device)
+
+    def _mean(self, model, description: str) -> float:
+        total, count = 0.0, 0
+        for b in track(self.batches, description):
+            s, n = self._sum(model, b)
+            total += s
+            count += n
+        if count == 0:
+            raise InputError("the evaluation data has no counted positions")
+        return total / count
+
+    def value(self, model: nn.Module, description: str = "evaluation") -> float:
+        """The metric's value for ``model`` (output-mse: mean ‖f̃ − f‖² per position)."""
+        with torch.inference_mode():
+            if self.metric == "output-mse":
+                num = 0.0
+                for b, ref in zip(track(self.batches, description), self._ref_outputs):
+                    y = _masked_output(model, b, self.device)
+                    num += float((y.double() - ref.double()).pow(2).sum())
+                return num / max(self.count, 1)
+            return self._mean(model, description)
+
+    def delta_from_value(self, value: float) -> float:
+        if self.metric == "output-mse":
+            return value / self.reference_value
+        return (value - self.reference_value) / abs(self.reference_value)
+
+    def delta(self, model: nn.Module, description: str = "evaluation") -> float:
+        return self.delta_from_value(self.value(model, description))
+
+    def evaluation(self, model: nn.Module, predicted_delta: float | None = None, **extra) -> Evaluation:
+        t0 = time.perf_counter()
+        v = self.value(model)
+        return Evaluation(self.metric, float(self.reference_value), float(v), float(self.delta_from_value(v)),
+                          predicted_delta, seconds=time.perf_counter() - t0, **extra)
+
+
+def evaluate(model: nn.Module, data, reference: nn.Module | None = None, metric: str = "auto",
+             device=None, predicted_delta: float | None = None) -> Evaluation:
+    """Measure ``model`` on ``data``; with ``reference`` the delta is against it, else the delta is 0
+    (the model is its own reference) and ``value`` is the metric itself."""
+    from .data import from_iterable
+
+    batches = data if isinstance(data, Batches) else from_iterable(data)
+    t0 = time.perf_counter()
+    ev = Evaluator(reference if reference is not None else model, batches, metric, device)
+    if reference is None:
+        own = 0.0 if ev.metric == "output-mse" else float(ev.reference_value)
+        out = Evaluation(ev.metric, float(ev.reference_value), own, 0.0, predicted_delta)
+    else:
+        out = ev.evaluation(model, predicted_delta)
+    out.seconds = time.perf_counter() - t0
+    return out

@@ -1,0 +1,105 @@
+"""Safe outputs: whole or nothing, never inside (or over) an input.
+
+Every writer in specprune goes through :func:`output_dir` or :func:`write_atomic`, so an
+interrupted or failed run leaves no partial output and an input is never overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import RefusedError
+
+
+def _resolved(p: str | os.PathLike) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                      overwrite: bool = False) -> Path:
+    """Refuse an output that equals, lies inside or contains an input; refuse an existing
+    output unless ``overwrite``. Returns the resolved output path."""
+    out_p = _resolved(out)
+    for inp in inputs:
+        if inp is None:
+            continue
+        in_p = _resolved(inp)
+        if out_p == in_p or _is_within(out_p, in_p) or _is_within(in_p, out_p):
+            raise RefusedError(
+                f"refusing to write output {out} : it is, lies inside or contains the input {inp}"
+            )
+    if out_p.exists() and not overwrite:
+        raise RefusedError(f"output {out} already exists; pass --overwrite to replace it")
+    return out_p
+
+
+@contextlib.contextmanager
+def output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+               overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; on success it replaces ``out``
+    atomically (rename), on any failure or interrupt it is removed and ``out`` is untouched."""
+    out_p = check_output_path(out, inputs, overwrite)
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp-", dir=out_p.parent))
+    try:
+        yield tmp
+        if out_p.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.old-", dir=out_p.parent))
+            os.replace(out_p, old / "x")
+            os.replace(tmp, out_p)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes, inputs: Iterable[str | os.PathLike] = (),
+                 overwrite: bool = True) -> Path:
+    """Write a file whole or not at all (temp file + rename)."""
+    p = check_output_path(path, inputs, overwrite)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def dumps(obj) -> str:
+    """Deterministic JSON used for every file specprune writes."""
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_default) + "\n"
+
+
+def _default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

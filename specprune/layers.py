@@ -1,0 +1,216 @@
+"""Target layers: which modules specprune analyses and how it reads them.
+
+An adapter knows one family of layer types: how to read the weight as a (d_out, d_in)
+matrix W acting on input features x (y = W x), how to write it back, and how to turn the
+input a forward hook sees into a (tokens, d_in) feature matrix.
+
+* ``nn.Linear``: x is the last dimension of the input.
+* HF ``Conv1D`` (GPT-2): ``weight`` is stored (d_in, d_out); W = weightᵀ.
+* ``nn.Conv1d/2d``: features are the unfolded patches the convolution sees (same kernel,
+  stride, padding and dilation, zero-padding included), so d_in = C_in/groups · ∏kernel.
+  For ``groups > 1`` every group's patches are pooled as extra samples of one
+  (C_in/groups · ∏kernel)-dimensional space and W stacks the groups' output rows; that is
+  exact for groups = 1 and the usual pooled approximation otherwise.
+
+Selection follows the contract: every supported layer except an output head whose weight
+is tied to an input embedding; ``include``/``exclude`` patterns are a qualified name, a
+dotted suffix, or ``re:REGEX`` (``re.fullmatch``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+
+class LinearAdapter:
+    """``nn.Linear`` (and subclasses such as NonDynamicallyQuantizableLinear)."""
+
+    name = "linear"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def d_in(self, module) -> int:
+        return module.in_features
+
+    def d_out(self, module) -> int:
+        return module.out_features
+
+    def weight_matrix(self, module) -> torch.Tensor:
+        return module.weight.detach()
+
+    def set_weight_matrix(self, module, w: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.weight.copy_(w.to(module.weight.dtype).reshape(module.weight.shape))
+
+    def features(self, module, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    token_shaped = True  # input is (..., d_in): attention masks over the leading dims apply
+
+
+class HFConv1DAdapter(LinearAdapter):
+    """transformers' ``Conv1D`` (GPT-2 family): y = x @ weight + bias, weight is (d_in, d_out)."""
+
+    name = "conv1d-hf"
+
+    def matches(self, module) -> bool:
+        return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+    def d_in(self, module) -> int:
+        return module.weight.shape[0]
+
+    def d_out(self, module) -> int:
+        return module.weight.shape[1]
+
+    def weight_matrix(self, module) -> torch.Tensor:
+        return module.weight.detach().t()
+
+    def set_weight_matrix(self, module, w: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.weight.copy_(w.t().to(module.weight.dtype))
+
+
+class ConvAdapter:
+    """``nn.Conv1d`` / ``nn.Conv2d`` through their unfolded input patches."""
+
+    name = "conv"
+    token_shaped = False
+
+    def matches(self, module) -> bool:
+        return isinstance(module, (nn.Conv1d, nn.Conv2d))
+
+    def d_in(self, module) -> int:
+        return module.weight[0].numel()  # C_in/groups · ∏kernel
+
+    def d_out(self, module) -> int:
+        return module.out_channels
+
+    def weight_matrix(self, module) -> torch.Tensor:
+        return module.weight.detach().reshape(module.out_channels, -1)
+
+    def set_weight_matrix(self, module, w: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.weight.copy_(w.to(module.weight.dtype).reshape(module.weight.shape))
+
+    def features(self, module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(2)
+            k, s, p, d = (1, module.kernel_size[0]), (1, module.stride[0]), module.padding, (1, module.dilation[0])
+            if isinstance(p, str):
+                raise InputError(f"padding={p!r} convolutions are not supported")
+            p = (0, p[0])
+        else:
+            k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
+            if isinstance(p, str):
+                raise InputError(f"padding={p!r} convolutions are not supported")
+        if module.padding_mode != "zeros":
+            raise InputError(f"padding_mode={module.padding_mode!r} convolutions are not supported")
+        cols = F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s)  # (B, C*kk, L)
+        g = module.groups
+        bsz, ckk, length = cols.shape
+        cols = cols.reshape(bsz, g, ckk // g, length).permute(0, 1, 3, 2)
+        return cols.reshape(-1, ckk // g)
+
+
+_BUILTIN = (HFConv1DAdapter(), LinearAdapter(), ConvAdapter())
+
+
+def adapters() -> list:
+    """Built-in adapters first (most specific first), then plugin adapters."""
+    from . import registry
+
+    out = list(_BUILTIN)
+    names = {a.name for a in out}
+    for name, obj in registry.load_all("adapters").items():
+        if name in names:
+            continue
+        out.append(obj() if isinstance(obj, type) else obj)
+    return out
+
+
+def adapter_for(module: nn.Module, adapter_list: Sequence | None = None):
+    for a in adapter_list if adapter_list is not None else adapters():
+        if a.matches(module):
+            return a
+    return None
+
+
+@dataclass
+class TargetLayer:
+    """A selected layer: qualified name, module, and its adapter."""
+
+    name: str
+    module: nn.Module
+    adapter: object
+
+    @property
+    def type(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def d_in(self) -> int:
+        return self.adapter.d_in(self.module)
+
+    @property
+    def d_out(self) -> int:
+        return self.adapter.d_out(self.module)
+
+    def weight_matrix(self) -> torch.Tensor:
+        return self.adapter.weight_matrix(self.module)
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Contract rule: exact name or dotted suffix; ``re:REGEX`` with re.fullmatch."""
+    if pattern.startswith("re:"):
+        try:
+            return re.fullmatch(pattern[3:], name) is not None
+        except re.error as err:
+            raise InputError(f"bad layer pattern {pattern!r}: {err}") from None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def tied_head_names(model: nn.Module) -> set[str]:
+    """Names of Linear layers whose weight is an input embedding's weight (tied output heads)."""
+    emb_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.data_ptr() in emb_ptrs}
+
+
+def select_layers(model: nn.Module, include: Sequence[str] | None = None,
+                  exclude: Sequence[str] | None = None) -> list[TargetLayer]:
+    """Supported layers of ``model`` in ``named_modules`` order, filtered by the patterns."""
+    include = list(include or [])
+    exclude = list(exclude or [])
+    tied = tied_head_names(model)
+    adapter_list = adapters()
+    out = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        a = adapter_for(module, adapter_list)
+        if a is None:
+            continue
+        if include:
+            if not any(pattern_matches(p, name) for p in include):
+                continue
+        elif name in tied:
+            continue
+        if any(pattern_matches(p, name) for p in exclude):
+            continue
+        out.append(TargetLayer(name, module, a))
+    for p in include:
+        if not any(pattern_matches(p, t.name) for t in out):
+            raise InputError(f"--include {p!r} matches no supported layer")
+    if not out:
+        raise InputError("the model has no supported layers to analyse (Linear, Conv1D, Conv1d/2d)"
+                         + (" after --include/--exclude" if include or exclude else ""))
+    return out

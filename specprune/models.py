@@ -1,0 +1,256 @@
+"""Loading models the contract's way, never running code the user did not ask for.
+
+* a Hugging Face directory (config.json + weights), loaded locally with its task head
+  (the architecture named in the config, else ``AutoModel``); ``trust_remote_code`` is off
+  unless asked;
+* a ``.safetensors`` / ``.pt`` / ``.pth`` state dict plus ``arch="module:callable"``;
+  ``.pt`` files load with ``torch.load(weights_only=True)`` — arbitrary pickles are refused;
+* a directory written by specprune (``specprune.json`` inside);
+* any ``nn.Module`` from Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError, RefusedError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class LoadedModel:
+    """A model with what specprune learned while loading it."""
+
+    model: nn.Module
+    source: str
+    kind: str  # "hf" | "state_dict" | "specprune" | "module"
+    tokenizer: Any = None
+    hf_dir: Path | None = None
+    arch: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return is_causal_lm(self.model)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    archs = getattr(cfg, "architectures", None) or []
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel") or any(
+        a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs if a == name)
+
+
+def import_callable(spec: str):
+    """Import ``module:callable`` named explicitly by the user (``--arch``)."""
+    if ":" not in spec:
+        raise InputError(f"--arch must be 'module:callable', got {spec!r}")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise InputError(f"cannot import {mod_name!r} for --arch: {err}") from None
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"{mod_name!r} has no attribute {attr!r} (from --arch {spec})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"--arch {spec} is not callable")
+    return obj
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or .pt/.pth/.bin file; pickles run no code (weights_only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"weights file not found: {path}")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise InputError(f"{path} is not a readable safetensors file (corrupted or truncated?): "
+                             f"{err}") from None
+    if p.suffix in (".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise RefusedError(
+                f"refusing to load {path}: it is a pickle that needs arbitrary code to load "
+                f"(torch.load weights_only=True rejected it: {first[:200]}); save a plain state dict "
+                "or safetensors instead") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise InputError(f"{path} is not a readable PyTorch file (corrupted or truncated?): "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise InputError(f"{path} does not hold a state dict of tensors")
+        return obj
+    raise InputError(f"unsupported weights file {path}: expected .safetensors, .pt or .pth")
+
+
+def _load_hf(path: Path, trust_remote_code: bool, dtype=None) -> LoadedModel:
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}/config.json is not readable JSON: {err}") from None
+    if raw.get("auto_map") and not trust_remote_code:
+        raise RefusedError(f"{path} needs its own Python code (auto_map in config.json); "
+                           "pass --trust-remote-code if you trust it")
+    has_weights = any((path / n).exists() for n in (
+        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+        "pytorch_model.bin.index.json"))
+    if not has_weights:
+        raise InputError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin)")
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                            local_files_only=True)
+    except (ValueError, KeyError, OSError) as err:
+        raise InputError(f"cannot read the config of {path}: {str(err).splitlines()[0]}") from None
+    cls = None
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            break
+    cls = cls or AutoModel
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot load the model in {path}: {msg}") from None
+    tok = load_tokenizer(path, trust_remote_code)
+    model.eval()
+    return LoadedModel(model, str(path), "hf", tokenizer=tok, hf_dir=path,
+                       info={"architecture": type(model).__name__})
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The directory's tokenizer, or None if it has none (text data then fails with a clear error)."""
+    if not any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                              "vocab.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_model(source, arch: str | None = None, trust_remote_code: bool = False,
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load any MODEL argument of the contract (see module docstring). Nothing is modified."""
+    if isinstance(source, nn.Module):
+        source.eval()
+        return LoadedModel(source, type(source).__name__, "module")
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"model not found: {source}")
+    if path.is_dir():
+        if (path / "specprune.json").exists():
+            from .compress.saved import load_saved
+
+            return load_saved(path, arch=arch)
+        if (path / "config.json").exists():
+            return _load_hf(path, trust_remote_code, dtype)
+        raise InputError(f"{source} is not a model directory (no config.json or specprune.json)")
+    if path.suffix not in STATE_DICT_SUFFIXES:
+        raise InputError(f"unsupported model file {source}: expected a HF directory, "
+                         ".safetensors, .pt or .pth")
+    if not arch:
+        raise InputError(f"{source} is a state dict: pass --arch module:callable to build the module")
+    state = read_state_dict(path)
+    builder = import_callable(arch)
+    try:
+        model = builder()
+    except Exception as err:
+        raise InputError(f"--arch {arch} failed to build the model: {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise InputError(f"{source} does not fit --arch {arch}: {str(err).splitlines()[0]}") from None
+    model.eval()
+    return LoadedModel(model, str(path), "state_dict", arch=arch)
+
+
+def num_parameters(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+    return total
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over parameter and buffer names, shapes, dtypes and bytes: identifies the weights a
+    plan was made for."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """``auto`` → cuda when available, else cpu; ``cuda:i`` is checked to exist."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: CUDA is not available on this machine")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    raise InputError(f"--device must be auto, cpu, cuda or cuda:i, got {spec!r}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

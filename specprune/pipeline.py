@@ -1,0 +1,119 @@
+"""The stages chained: what the CLI commands and the demo share.
+
+Data handling follows the contract: calibration windows and held-apart evaluation windows
+come from the same shuffled window set (see :mod:`specprune.data`), so evaluation text is
+never seen by calibration unless ``--eval-data`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .analysis import Analysis, analyze
+from .data import Batches, load_data
+from .errors import InputError, ToleranceExceeded
+from .evaluation import Evaluation, Evaluator
+from .models import LoadedModel, load_model
+from .plan import Plan
+
+
+@dataclass
+class DataSpec:
+    data: list[str] | None
+    eval_data: list[str] | None = None
+    samples: int = 128
+    seq_len: int = 128
+    batch_size: int = 8
+    seed: int = 0
+
+    def calibration(self, tokenizer) -> Batches:
+        if not self.data:
+            raise InputError("no calibration data: pass --data FILE_OR_DIR")
+        return load_data(self.data, tokenizer, samples=self.samples, seq_len=self.seq_len,
+                         batch_size=self.batch_size, seed=self.seed, split="calibration")
+
+    def evaluation(self, tokenizer) -> Batches:
+        if self.eval_data:
+            return load_data(self.eval_data, tokenizer, samples=self.samples, seq_len=self.seq_len,
+                             batch_size=self.batch_size, seed=self.seed, split="all")
+        if not self.data:
+            raise InputError("no evaluation data: pass --data (25% held apart) or --eval-data")
+        return load_data(self.data, tokenizer, samples=self.samples, seq_len=self.seq_len,
+                         batch_size=self.batch_size, seed=self.seed, split="evaluation")
+
+    def inputs(self) -> list[str]:
+        return [*(self.data or []), *(self.eval_data or [])]
+
+
+def analysis_or_model(target: str, arch, trust, include, exclude, device, spec: DataSpec,
+                      log=lambda m: None) -> tuple[Analysis, LoadedModel]:
+    """``recommend ANALYSIS_DIR|MODEL``: load a saved analysis (and its source model) or analyze."""
+    p = Path(target)
+    if p.is_dir() and (p / "analysis.json").exists():
+        analysis = Analysis.load(p)
+        src = analysis.model.get("source")
+        if not src or not Path(src).exists():
+            raise InputError(f"the analysis in {target} names source model {src!r}, which is not found")
+        loaded = load_model(src, arch=arch, trust_remote_code=trust)
+        return analysis, loaded
+    loaded = load_model(target, arch=arch, trust_remote_code=trust)
+    calib = spec.calibration(loaded.tokenizer)
+    log(f"analysing {target}: {calib.samples} windows, {calib.tokens} tokens")
+    analysis = analyze(loaded.model, calib, include=include, exclude=exclude, device=device, source=target)
+    return analysis, loaded
+
+
+def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | Path, *,
+             include=None, exclude=None, device=None, metric="auto", methods=("prune", "quantize"),
+             bits_choices=(2, 3, 4, 5, 6, 8), group_sizes=(None, 128), prune_method="whitened",
+             overwrite=False, export_dense=False, inputs=(), log=lambda m: None) -> dict:
+    """analyze → recommend → apply → evaluate → save, into ``out`` (atomically). Returns the
+    contract's compress JSON; raises :class:`ToleranceExceeded` (exit 3) after saving when the
+    measured delta exceeds the tolerance by more than the stated uncertainty."""
+    from .compress.apply import apply_
+    from .compress.saved import save_compressed
+    from .io import check_output_path, dumps, output_dir
+    from .recommender import recommend
+
+    t0 = time.perf_counter()
+    check_output_path(out, inputs, overwrite)
+    calib = spec.calibration(loaded.tokenizer)
+    evalb = spec.evaluation(loaded.tokenizer)
+    log(f"analysing: {calib.samples} calibration windows, {calib.tokens} tokens")
+    analysis = analyze(loaded.model, calib, include=include, exclude=exclude, device=device,
+                       source=loaded.source)
+    log("recommending")
+    plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=methods,
+                     bits_choices=bits_choices, group_sizes=group_sizes, prune_method=prune_method,
+                     source=loaded.source, seed=spec.seed)
+    evaluator = Evaluator(loaded.model, evalb, metric)  # reference before the model changes
+    log(f"applying the plan (predicted delta {plan.predicted_delta:.4g})")
+    apply_(loaded.model, plan, analysis=analysis)
+    ev = evaluator.evaluation(loaded.model, predicted_delta=plan.predicted_delta)
+    ev.size = plan.size
+    within = ev.measured_delta <= tolerance + plan.predicted_delta_uncertainty
+    with output_dir(out, inputs, overwrite) as tmp:
+        analysis.save(tmp / "analysis")
+        save_compressed(loaded.model, plan, tmp, source=loaded, export_dense=export_dense)
+        ev.plan = str(Path(out) / "plan.json")
+        ev.output = str(Path(out))
+        ev.seconds = time.perf_counter() - t0
+        ev.extra.update({"tolerance": tolerance, "within_tolerance": bool(within),
+                         "predicted_delta_uncertainty": plan.predicted_delta_uncertainty,
+                         "eval_windows": evalb.samples, "calibration_windows": calib.samples})
+        (tmp / "evaluation.json").write_text(dumps(ev.to_dict()), encoding="utf-8")
+        if not within:
+            (tmp / "TOLERANCE_EXCEEDED").write_text(
+                f"measured delta {ev.measured_delta:.6g} > tolerance {tolerance:g} + uncertainty "
+                f"{plan.predicted_delta_uncertainty:.3g}\n", encoding="utf-8")
+    result = ev.to_dict()
+    if not within:
+        err = ToleranceExceeded(
+            f"measured delta {ev.measured_delta:.4g} exceeds the tolerance {tolerance:g} by more than the "
+            f"stated uncertainty {plan.predicted_delta_uncertainty:.3g}; output kept in {out} and marked "
+            "TOLERANCE_EXCEEDED")
+        err.result = result
+        raise err
+    return result

@@ -1,0 +1,142 @@
+"""Plan / LayerPlan: what to do to each layer, and what specprune predicts it will cost.
+
+A plan is plain, versioned JSON (``format: 1``) that a user can edit by hand and
+``specprune apply`` applies. Per layer:
+
+* ``method``: the pruning method (``spectral``, ``whitened``, ``magnitude`` or a plugin
+  compressor), or null for no pruning;
+* ``prune_rate``: fraction of the layer's weight parameters removed (for a low-rank
+  factorization 1 − k(d_in + d_out)/(d_in·d_out), floored at 0; for unstructured methods the
+  fraction of weights zeroed);
+* ``rank``: kept rank k for low-rank methods (null = not factorized);
+* ``bits``: integer width 2..8 of symmetric round-to-nearest quantization, integers in
+  ±(2^(B−1)−1), or null to keep the dtype; ``group_size``: input columns per scale (null = one
+  scale per output channel);
+* ``predicted_delta``: the layer's additive share of the model-level prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+from .io import dumps, write_atomic
+
+PLAN_FORMAT = 1
+BITS_RANGE = (2, 8)
+
+
+@dataclass
+class LayerPlan:
+    method: str | None = None
+    prune_rate: float = 0.0
+    rank: int | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    predicted_delta: float = 0.0
+
+    @property
+    def is_noop(self) -> bool:
+        return self.method is None and self.bits is None and not self.prune_rate
+
+    def validate(self, name: str) -> None:
+        if self.bits is not None:
+            if not isinstance(self.bits, int) or not BITS_RANGE[0] <= self.bits <= BITS_RANGE[1]:
+                raise InputError(f"plan layer {name}: bits must be an integer in 2..8 or null, got {self.bits!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise InputError(f"plan layer {name}: group_size must be a positive integer or null")
+        if not isinstance(self.prune_rate, (int, float)) or not 0.0 <= float(self.prune_rate) < 1.0:
+            raise InputError(f"plan layer {name}: prune_rate must be in [0, 1), got {self.prune_rate!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank <= 0):
+            raise InputError(f"plan layer {name}: rank must be a positive integer or null")
+        if self.method is None and (self.rank is not None or self.prune_rate):
+            raise InputError(f"plan layer {name}: prune_rate/rank given without a method")
+        if not isinstance(self.predicted_delta, (int, float)) or math.isnan(float(self.predicted_delta)):
+            raise InputError(f"plan layer {name}: predicted_delta must be a number")
+
+
+@dataclass
+class Plan:
+    """A per-layer compression plan with its prediction (contract: plan.json)."""
+
+    model: dict
+    tolerance: float
+    metric: str
+    layers: dict[str, LayerPlan]
+    calibrated: bool = False
+    predicted_delta: float = 0.0
+    predicted_delta_uncertainty: float = 0.0
+    size: dict = field(default_factory=dict)
+    format: int = PLAN_FORMAT
+    details: dict = field(default_factory=dict)  # how the prediction was made (free-form, documented)
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "model": self.model, "tolerance": self.tolerance, "metric": self.metric,
+                "calibrated": self.calibrated, "predicted_delta": self.predicted_delta,
+                "predicted_delta_uncertainty": self.predicted_delta_uncertainty,
+                "layers": {n: asdict(lp) for n, lp in self.layers.items()}, "size": self.size,
+                "details": self.details}
+
+    def save(self, path: str | Path, inputs=(), overwrite: bool = True) -> Path:
+        return write_atomic(path, dumps(self.to_dict()), inputs=inputs, overwrite=overwrite)
+
+    @classmethod
+    def from_dict(cls, doc: dict, where: str = "plan") -> "Plan":
+        if not isinstance(doc, dict):
+            raise InputError(f"{where} is not a JSON object")
+        if doc.get("format") != PLAN_FORMAT:
+            raise InputError(f"{where}: unsupported plan format {doc.get('format')!r} (expected {PLAN_FORMAT})")
+        layers_doc = doc.get("layers")
+        if not isinstance(layers_doc, dict):
+            raise InputError(f"{where}: 'layers' must be an object of layer name → settings")
+        layers = {}
+        known = set(LayerPlan.__dataclass_fields__)
+        for name, ld in layers_doc.items():
+            if not isinstance(ld, dict):
+                raise InputError(f"{where}: layer {name} must be an object")
+            unknown = set(ld) - known
+            if unknown:
+                raise InputError(f"{where}: layer {name} has unknown field(s) {', '.join(sorted(unknown))}")
+            lp = LayerPlan(**ld)
+            lp.validate(name)
+            layers[name] = lp
+        try:
+            tol = float(doc.get("tolerance", 0.0))
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: tolerance must be a number") from None
+        return cls(model=dict(doc.get("model") or {}), tolerance=tol, metric=str(doc.get("metric", "auto")),
+                   layers=layers, calibrated=bool(doc.get("calibrated", False)),
+                   predicted_delta=float(doc.get("predicted_delta", 0.0)),
+                   predicted_delta_uncertainty=float(doc.get("predicted_delta_uncertainty", 0.0)),
+                   size=dict(doc.get("size") or {}), details=dict(doc.get("details") or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "plan.json"
+        if not p.is_file():
+            raise InputError(f"plan not found: {path}")
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path} is not readable JSON: {err}") from None
+        return cls.from_dict(doc, str(path))
+
+    @classmethod
+    def uniform(cls, layer_names, *, rate: float | None = None, bits: int | None = None,
+                group_size: int | None = None, method: str = "spectral", source: str = "",
+                fingerprint: str = "") -> "Plan":
+        """The same setting on every named layer (``--rate``/``--bits`` shortcuts). For low-rank
+        methods ``rate`` is turned into a rank per layer by :func:`specprune.compress.apply.apply_`."""
+        if rate is not None and not 0.0 <= rate < 1.0:
+            raise InputError(f"--rate must be in [0, 1), got {rate}")
+        if bits is not None and not BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
+            raise InputError(f"--bits must be in 2..8, got {bits}")
+        layers = {n: LayerPlan(method=method if rate else None, prune_rate=float(rate or 0.0), bits=bits,
+                               group_size=group_size if bits else None) for n in layer_names}
+        return cls(model={"source": source, "fingerprint": fingerprint}, tolerance=0.0, metric="none",
+                   layers=layers)

@@ -1,0 +1,193 @@
+"""SpectrumProbe: forward hooks that stream each layer's uncentred input Gram matrix.
+
+For every target layer with input features x ∈ R^{d_in} (one row per counted token; padded
+positions are dropped through the batch's attention mask), the probe keeps
+
+    G = Σ_tokens x xᵀ   (d_in × d_in),   N = number of tokens,
+
+so the feature covariance is Σ = G / N. Precision: each batch's x is upcast to float32
+(fp16/bf16 models work), its Gram xᵀx is one float32 GEMM (TF32 off on CUDA), and batches
+are summed into a float64 accumulator, so rounding does not grow with the number of
+batches. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
+the sharing is found on the first batch through tensor identity (weak references, so a
+freed tensor whose memory is reused cannot be mistaken for a shared one).
+
+The probe is a context manager that removes exactly its own hook handles in ``finally``
+(also on exceptions and KeyboardInterrupt) and raises if a hook never fired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .layers import TargetLayer
+
+
+@dataclass
+class GramAccumulator:
+    """Streaming Σ xxᵀ for one input tensor (possibly shared by several layers)."""
+
+    key: str
+    d: int
+    device: torch.device
+    gram: torch.Tensor | None = None
+    tokens: int = 0
+    skipped_tokens: int = 0  # tokens of batches with NaN/Inf features, left out
+    layers: list[str] = field(default_factory=list)
+
+    def update(self, x: torch.Tensor) -> None:
+        """x: (tokens, d) features. G += xᵀx (fp32 GEMM, fp64 sum)."""
+        if x.shape[0] == 0:
+            return
+        xf = x.float()
+        g = xf.t() @ xf
+        if not torch.isfinite(g).all():
+            self.skipped_tokens += int(x.shape[0])
+            return
+        if self.gram is None:
+            self.gram = torch.zeros(self.d, self.d, dtype=torch.float64, device=g.device)
+        self.gram += g
+        self.tokens += int(x.shape[0])
+
+    def reset(self) -> None:
+        self.gram = None
+        self.tokens = 0
+        self.skipped_tokens = 0
+
+
+class SpectrumProbe:
+    """Hooks on ``layers`` accumulating input Grams; use as ``with SpectrumProbe(...) as probe:``
+    and call ``probe.set_batch(batch)`` before each forward so masks apply."""
+
+    def __init__(self, model: nn.Module, layers: list[TargetLayer]):
+        self.model = model
+        self.layers = layers
+        self.accumulators: dict[str, GramAccumulator] = {}
+        self.layer_acc: dict[str, str] = {}
+        self._handles: list = []
+        self._mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._fired: set[str] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> "SpectrumProbe":
+        try:
+            for layer in self.layers:
+                self._handles.append(layer.module.register_forward_pre_hook(self._make_hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove exactly the handles this probe registered."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        self._seen.clear()
+        self._mask = None
+
+    def set_batch(self, batch: dict) -> None:
+        """Call before each forward: sets the attention mask and clears per-batch sharing state."""
+        self._seen.clear()
+        m = batch.get("attention_mask") if isinstance(batch, dict) else None
+        self._mask = m.bool() if isinstance(m, torch.Tensor) else None
+
+    def check_fired(self) -> None:
+        missing = [lay.name for lay in self.layers if lay.name not in self._fired]
+        if missing:
+            raise InputError(f"{len(missing)} target layer(s) never ran in the forward pass "
+                             f"(e.g. {missing[0]}); exclude them with --exclude")
+
+    # -- the hook ---------------------------------------------------------------------------
+    def _make_hook(self, layer: TargetLayer):
+        name = layer.name
+        adapter = layer.adapter
+        module = layer.module
+
+        def hook(mod, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            self._fired.add(name)
+            key = id(x)
+            hit = self._seen.get(key)
+            if hit is not None and hit[0]() is x:
+                acc_key = hit[1]
+                if name not in self.layer_acc:
+                    self.layer_acc[name] = acc_key
+                    self.accumulators[acc_key].layers.append(name)
+                if self.layer_acc[name] == acc_key:
+                    return None  # the shared accumulator already took this tensor
+            acc_key = self.layer_acc.get(name)
+            if acc_key is not None and acc_key != name:
+                raise InputError(f"layer {name} shared its input with {acc_key} on an earlier batch but "
+                                 "not on this one; analyse them separately with --include/--exclude")
+            if acc_key is None:
+                acc_key = name
+                self.layer_acc[name] = acc_key
+                self.accumulators[acc_key] = GramAccumulator(acc_key, adapter.d_in(module), x.device,
+                                                             layers=[name])
+            self._seen[key] = (weakref.ref(x), acc_key)
+            with torch.no_grad():
+                feats = self._features(adapter, module, x)
+                self.accumulators[acc_key].update(feats)
+            return None
+
+        return hook
+
+    def _features(self, adapter, module, x: torch.Tensor) -> torch.Tensor:
+        m = self._mask
+        if getattr(adapter, "token_shaped", False) and m is not None and x.dim() >= 3 \
+                and tuple(x.shape[:2]) == tuple(m.shape):
+            x = x[m.to(x.device)]
+        return adapter.features(module, x)
+
+    # -- results ----------------------------------------------------------------------------
+    def results(self) -> dict[str, GramAccumulator]:
+        return self.accumulators
+
+
+def run_probe(model: nn.Module, layers: list[TargetLayer], batches, device: torch.device | None = None,
+              description: str = "calibration") -> SpectrumProbe:
+    """Stream every batch through ``model`` with the probe attached; returns the (closed) probe."""
+    from .data import forward
+    from .progress import track
+
+    probe = SpectrumProbe(model, layers)
+    tf32 = None
+    if device is not None and device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with probe, torch.inference_mode():
+            for batch in track(batches, description, total=len(batches)):
+                probe.set_batch(batch)
+                forward(model, batch, device)
+        probe.check_fired()
+    finally:
+        if tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return probe
+
+
+@contextlib.contextmanager
+def no_hooks_left(model: nn.Module):
+    """Test helper: assert the model has the same number of hooks after the block."""
+    def count():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+    before = count()
+    yield
+    after = count()
+    if after != before:
+        raise AssertionError(f"hooks left on the model: {after - before}")

