@@ -188,10 +188,13 @@ def _eigh(gram: torch.Tensor, tokens: int) -> tuple[np.ndarray, np.ndarray]:
 
 def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0) -> LayerAnalysis:
     """Spectrum, fits and frontier of one layer from its input group's eigenpairs."""
-    from .spectra import spectrum_from_eigen
+    from .spectra import LayerSpectrum
 
-    w = layer.weight_matrix().detach().to("cpu", torch.float64).numpy()
-    spec = spectrum_from_eigen(group.eigenvalues, group.eigenvectors, group.tokens, w)
+    w = layer.weight_matrix().detach().to("cpu", torch.float64)
+    wu = w @ torch.as_tensor(group.eigenvectors, dtype=torch.float64)
+    gain = wu.pow(2).sum(0).numpy()  # ‖W u_k‖²
+    spec = LayerSpectrum.from_eigen(group.eigenvalues, group.eigenvalues * gain, tokens=group.tokens,
+                                    d_out=layer.d_out, mode_gain=gain)
     s = spec.summary_dict()
     flags = []
     if skipped:
@@ -214,6 +217,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     ``seed`` apply). The model's outputs and parameters are unchanged; hooks are always removed.
     """
     from .data import Batches, from_iterable, load_data
+    from .distributed import all_reduce_, all_reduce_scalars, is_distributed, shard
     from .models import model_device, num_parameters, resolve_device
     from .probe import run_probe
     from .progress import track
@@ -235,10 +239,19 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     try:
         if moved:
             model.to(dev)
-        probe = run_probe(model, layers, batches, dev or original)
+        probe = run_probe(model, layers, shard(batches.batches), dev or original)
+        accs = probe.results()
+        if is_distributed():
+            for key in sorted(accs):  # same order on every rank
+                acc = accs[key]
+                if acc.gram is None:
+                    acc.gram = torch.zeros(acc.d, acc.d, dtype=torch.float64, device=dev or original)
+                all_reduce_(acc.gram)
+                acc.tokens, acc.skipped_tokens = (int(v) for v in all_reduce_scalars(acc.tokens,
+                                                                                     acc.skipped_tokens))
         groups: dict[str, InputGroup] = {}
         skipped: dict[str, int] = {}
-        for key, acc in track(list(probe.results().items()), "eigensolves"):
+        for key, acc in track(list(accs.items()), "eigensolves"):
             if acc.gram is None or acc.tokens == 0:
                 raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
             evals, evecs = _eigh(acc.gram, acc.tokens)

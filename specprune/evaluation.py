@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Batches, forward, to_device
+from .distributed import all_reduce_scalars, shard
 from .errors import InputError
 from .progress import track
 
@@ -153,6 +154,7 @@ class Evaluator:
     def __init__(self, reference: nn.Module, batches: Batches, metric: str = "auto", device=None,
                  description: str = "reference"):
         self.batches = batches
+        self._mine = shard(batches.batches)  # this rank's share under torch.distributed
         self.device = device
         self.metric = resolve_metric(metric, reference, batches)
         self._custom: Callable | None = None
@@ -165,11 +167,12 @@ class Evaluator:
             if self.metric == "output-mse":
                 num = 0.0
                 count = 0
-                for b in track(batches, description):
+                for b in track(self._mine, description):
                     y = _masked_output(reference, b, device)
                     self._ref_outputs.append(y)
                     num += float(y.double().pow(2).sum())
                     count += y.shape[0]
+                num, count = all_reduce_scalars(num, count)
                 self.reference_sum = num
                 self.reference_value = num / max(count, 1)
                 self.count = count
@@ -189,10 +192,11 @@ class Evaluator:
 
     def _mean(self, model, description: str) -> float:
         total, count = 0.0, 0
-        for b in track(self.batches, description):
+        for b in track(self._mine, description):
             s, n = self._sum(model, b)
             total += s
             count += n
+        total, count = all_reduce_scalars(total, count)
         if count == 0:
             raise InputError("the evaluation data has no counted positions")
         return total / count
@@ -202,9 +206,10 @@ class Evaluator:
         with torch.inference_mode():
             if self.metric == "output-mse":
                 num = 0.0
-                for b, ref in zip(track(self.batches, description), self._ref_outputs):
+                for b, ref in zip(track(self._mine, description), self._ref_outputs):
                     y = _masked_output(model, b, self.device)
                     num += float((y.double() - ref.double()).pow(2).sum())
+                (num,) = all_reduce_scalars(num)
                 return num / max(self.count, 1)
             return self._mean(model, description)
 

@@ -111,9 +111,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise InputError(f"unsupported weights file {path}: expected .safetensors, .pt or .pth")
 
 
+def quiet_transformers() -> None:
+    """No progress bars or advisory logs from transformers on specprune's output streams."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _load_hf(path: Path, trust_remote_code: bool, dtype=None) -> LoadedModel:
     import transformers
     from transformers import AutoConfig, AutoModel
+
+    quiet_transformers()
 
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))

@@ -265,65 +265,91 @@ def fit_power_law(values: Any, k_lo: int | None = None, k_hi: int | None = None)
 _NAMES = ("log_amplitude", "gain_exponent", "log_k_star", "log_beta", "log_floor")
 
 
-def _log1mexp_exp(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``L(u) = ln(1 − exp(−e^u))`` and ``L'(u) = x / expm1(x)`` with ``x = e^u``, stable for all u."""
-    uc = np.clip(u, -745.0, 700.0)
-    x = np.exp(uc)
-    small = u < -20.0
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        big = np.log(-np.expm1(-np.where(small, 1.0, x)))
-        deriv_big = np.where(small, 1.0, x) / np.expm1(np.where(small, 1.0, np.minimum(x, 700.0)))
-    val = np.where(small, u - 0.5 * x, big)
-    deriv = np.where(small, 1.0 - 0.5 * x, deriv_big)
-    deriv = np.where(x > 700.0, 0.0, deriv)
-    return val, deriv
+def _log1mexp_exp(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``x = e^u``, ``L(u) = ln(1 − exp(−x))`` and ``L'(u) = x / expm1(x)``.
+
+    ``expm1`` keeps both accurate for tiny x (then ``L ≈ u``, ``L' ≈ 1``); x is capped at e^700 so
+    that nothing overflows (then ``L = 0``, ``L' = 0``). Within the fit bounds ``u > −300``, so x never
+    underflows.
+    """
+    x = np.exp(np.minimum(u, 700.0))
+    val = np.log(-np.expm1(-x))
+    deriv = x / np.expm1(np.minimum(x, 700.0))
+    return x, val, deriv
 
 
-def _frontier_model(theta: np.ndarray, lk: np.ndarray, jac: bool = False, decaying: bool = True):
-    """Frontier model in log space and (optionally) its Jacobian.
+class _FrontierModel:
+    """``ln q̂_k`` of the frontier model and its Jacobian in ``θ = (ln A, c, ln k*, ln β, ln F)``.
 
     ``ln q̂ = logaddexp(ln A − c ln k + 2 L(u), ln F − 2x·[decaying])`` with ``u = β (ln k* − ln k)``,
-    ``x = e^u = (k*/k)^β`` and ``L(u) = ln(1 − e^{−x})``.
+    ``x = e^u = (k*/k)^β``, ``L(u) = ln(1 − e^{−x})``. With ``decaying`` the init floor is multiplied by
+    ``e^{−2x}`` (NTK: ``W(t) − W* = (W0 − W*) e^{−ηΣt}``, so learned modes forget their init); without it
+    the floor is a constant F. The intermediates of the last evaluation are cached for the Jacobian
+    (``least_squares`` asks for it at the point it just evaluated).
     """
-    la, c, lks, lb, lf = theta
-    beta = math.exp(lb)
-    u = beta * (lks - lk)
-    lval, lder = _log1mexp_exp(u)
-    p = la - c * lk + 2.0 * lval
-    if decaying:
-        x2 = 2.0 * np.exp(np.clip(u, -745.0, 700.0))
+
+    n_params = 5
+
+    def __init__(self, lk: np.ndarray, decaying: bool):
+        self.lk = lk
+        self.decaying = decaying
+        self._key: bytes | None = None
+
+    def _eval(self, theta: np.ndarray) -> None:
+        key = np.asarray(theta, dtype=np.float64).tobytes()
+        if key == self._key:
+            return
+        la, c, lks, lb, lf = theta
+        beta = math.exp(lb)
+        u = beta * (lks - self.lk)
+        x, lval, lder = _log1mexp_exp(u)
+        p = la - c * self.lk + 2.0 * lval
+        x2 = 2.0 * x if self.decaying else 0.0
         fl = lf - x2
-    else:
-        x2 = np.zeros_like(u)
-        fl = np.full_like(u, lf)
-    m = np.logaddexp(p, fl)
-    if not jac:
-        return m
-    s = np.exp(p - m)  # ∂m/∂p = sigmoid(p − floor term)
-    sf = np.exp(fl - m)  # = 1 − s, computed directly so that sf · x2 stays finite
-    du = s * 2.0 * lder - sf * x2
-    j = np.empty((lk.size, 5))
-    j[:, 0] = s
-    j[:, 1] = -s * lk
-    j[:, 2] = du * beta
-    j[:, 3] = du * u
-    j[:, 4] = sf
-    return m, j
+        m = np.logaddexp(p, fl)
+        self._key = key
+        self._cache = (beta, u, lder, p, fl, x2, m)
+
+    def __call__(self, theta: np.ndarray) -> np.ndarray:
+        self._eval(theta)
+        return self._cache[-1]
+
+    def jacobian(self, theta: np.ndarray) -> np.ndarray:
+        self._eval(theta)
+        beta, u, lder, p, fl, x2, m = self._cache
+        s = np.exp(p - m)  # ∂m/∂p = sigmoid(p − floor term)
+        sf = np.exp(fl - m)  # = 1 − s, computed directly so that sf · x2 stays finite
+        du = s * 2.0 * lder - sf * x2
+        j = np.empty((self.lk.size, 5))
+        j[:, 0] = s
+        j[:, 1] = -s * self.lk
+        j[:, 2] = du * beta
+        j[:, 3] = du * u
+        j[:, 4] = sf
+        return j
 
 
-def _null_model(theta: np.ndarray, lk: np.ndarray, jac: bool = False):
-    """No frontier: ln q̂ = logaddexp(ln A − c ln k, ln F)."""
-    la, c, lf = theta
-    p = la - c * lk
-    m = np.logaddexp(p, lf)
-    if not jac:
-        return m
-    s = np.exp(p - m)
-    j = np.empty((lk.size, 3))
-    j[:, 0] = s
-    j[:, 1] = -s * lk
-    j[:, 2] = 1.0 - s
-    return m, j
+class _NullModel:
+    """No frontier: ``ln q̂ = logaddexp(ln A − c ln k, ln F)`` in ``θ = (ln A, c, ln F)``."""
+
+    n_params = 3
+
+    def __init__(self, lk: np.ndarray):
+        self.lk = lk
+
+    def __call__(self, theta: np.ndarray) -> np.ndarray:
+        la, c, lf = theta
+        return np.logaddexp(la - c * self.lk, lf)
+
+    def jacobian(self, theta: np.ndarray) -> np.ndarray:
+        la, c, lf = theta
+        p = la - c * self.lk
+        s = np.exp(p - np.logaddexp(p, lf))
+        j = np.empty((self.lk.size, 3))
+        j[:, 0] = s
+        j[:, 1] = -s * self.lk
+        j[:, 2] = 1.0 - s
+        return j
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -377,15 +403,15 @@ class FrontierFit:
     def predict(self, k: Any) -> np.ndarray:
         """The fitted frontier model's gain ``q̂_k`` at mode index (or indices) k."""
         lk = np.log(np.asarray(k, dtype=np.float64))
-        decaying = self.floor_model == "decaying"
-        return np.exp(_frontier_model(self._theta(), lk.ravel(), decaying=decaying)).reshape(lk.shape)
+        model = _FrontierModel(lk.ravel(), decaying=self.floor_model == "decaying")
+        return np.exp(model(self._theta())).reshape(lk.shape)
 
     def predict_null(self, k: Any) -> np.ndarray:
         """The no-frontier model's gain ``A k^{−c} + F`` at mode index (or indices) k."""
         lk = np.log(np.asarray(k, dtype=np.float64))
         theta = np.array([self.null_log_amplitude, self.null_gain_exponent,
                           math.log(max(self.null_floor, 1e-300))])
-        return np.exp(_null_model(theta, lk.ravel())).reshape(lk.shape)
+        return np.exp(_NullModel(lk.ravel())(theta)).reshape(lk.shape)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (NaN → None)."""
@@ -443,19 +469,62 @@ def _noise_scale(y: np.ndarray) -> float:
     return s if s > 1e-6 else 1e-6
 
 
+_SCREEN_BINS = 160
+
+
+def _log_bins(lk: np.ndarray, y: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means of ``ln k`` and ``y`` over ~_SCREEN_BINS log-spaced bins of consecutive modes, weights
+    ``√(Σ w²)`` (so a bin's residual carries the weight of the modes it stands for)."""
+    n = lk.size
+    if n <= _SCREEN_BINS:
+        return lk, y, wts
+    edges = np.unique(np.round(np.geomspace(1, n + 1, _SCREEN_BINS + 1)).astype(np.int64)) - 1
+    edges[-1] = n
+    counts = np.diff(edges)
+    w2 = np.add.reduceat(wts**2, edges[:-1])
+    lk_b = np.add.reduceat(lk, edges[:-1]) / counts
+    y_b = np.add.reduceat(y * wts**2, edges[:-1]) / w2
+    return lk_b, y_b, np.sqrt(w2)
+
+
+def _lsq(model: Any, y: np.ndarray, wts: np.ndarray, th0: np.ndarray, bounds: tuple[np.ndarray, np.ndarray],
+         sigma: float, max_nfev: int) -> Any:
+    """Weighted robust (soft-L1) least squares of ``model(θ) − y``; None if the solver fails."""
+    lo, hi = bounds
+    th0 = np.clip(th0, lo + 1e-9, hi - 1e-9)
+    try:
+        with np.errstate(all="ignore"):
+            r = optimize.least_squares(
+                lambda th: (model(th) - y) * wts,
+                th0,
+                jac=lambda th: model.jacobian(th) * wts[:, None],
+                bounds=(lo, hi),
+                loss="soft_l1",
+                f_scale=sigma,
+                method="trf",
+                x_scale="jac",
+                max_nfev=max_nfev,
+            )
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    return r if np.isfinite(r.cost) else None
+
+
 def estimate_frontier(
     eigenvalues: Any,
     mode_energy: Any,
     *,
     gain: Any = None,
     beta_init: float | None = None,
+    floor: str = "auto",
     n_starts: int = 8,
     max_fraction: float = 0.9,
     k_min_frontier: float = 2.0,
     bic_threshold: float = 10.0,
     min_drop: float = math.log(2.0),
+    max_spread: float = 4.0,
     weight_power: float = 0.5,
-    floor: str = "decaying",
+    weight_offset: float = 0.0,
 ) -> FrontierFit:
     """Estimate the learning frontier k* from a layer's spectrum (model and rules: module docstring).
 
@@ -465,20 +534,24 @@ def estimate_frontier(
     gain : optional ``‖W u_k‖²`` computed directly (else ``e_k / λ_k``); modes with numerically zero
         eigenvalue or non-positive gain are left out (their eigenvectors are arbitrary).
     beta_init : starting β (default: the eigenvalue slope b, clipped to [0.5, 6]).
+    floor : ``"decaying"`` (init floor × e^{−2(k*/k)^β}, the NTK solution), ``"constant"`` (F under every
+        mode), or ``"auto"`` (both, the lower robust cost wins; same number of parameters).
     n_starts : frontier candidates on a log grid from 2 to 1.5·n.
     max_fraction, k_min_frontier : the detectable range ``k_min_frontier ≤ k* ≤ max_fraction · n``.
     bic_threshold : minimum ΔBIC of the frontier model over the no-frontier model.
     min_drop : minimum fall (nats) of the fitted gain below the learned power law at ``min(2k*, n)``.
+    max_spread : maximum ratio ``k_star_hi / k_star_lo`` of the uncertainty range.
+    weight_power : residual weights ``∝ k^(−weight_power)``; 0.5 gives each e-fold of k equal weight, so
+        the few learned top modes are not outvoted by the many tail modes.
     """
-    if floor not in ("decaying", "constant"):
-        raise InputError(f"floor must be 'decaying' or 'constant', got {floor!r}")
-    decaying = floor == "decaying"
+    if floor not in ("auto", "decaying", "constant"):
+        raise InputError(f"floor must be 'auto', 'decaying' or 'constant', got {floor!r}")
     lam = _to_numpy(eigenvalues, "eigenvalues").ravel()
     e = _to_numpy(mode_energy, "mode_energy").ravel()
     if lam.shape != e.shape:
         raise InputError(f"eigenvalues ({lam.size}) and mode_energy ({e.size}) differ in length")
     n_all = lam.size
-    zero = _numerical_zero(np.clip(lam, 0, None))
+    zero = _numerical_zero(np.clip(np.nan_to_num(lam), 0, None))
     usable = np.isfinite(lam) & (lam > zero)
     if gain is None:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -486,101 +559,105 @@ def estimate_frontier(
     else:
         q = _to_numpy(gain, "gain").ravel()
         if q.shape != lam.shape:
-            raise InputError("gain and eigenvalues differ in length")
+            raise InputError(f"gain ({q.size}) and eigenvalues ({lam.size}) differ in length")
     usable &= np.isfinite(q) & (q > 0)
     kk = np.arange(1, n_all + 1, dtype=np.float64)[usable]
+    qv = q[usable]
     n = int(usable.sum())
     if n < 8:
-        return FrontierFit(None, False, False, f"too few usable modes ({n}) for a frontier fit",
-                           n_modes=n, k=kk, gain=q[usable] if n else np.zeros(0))
-    qv = q[usable]
+        return FrontierFit(None, False, False, f"no frontier: too few usable modes ({n}) for a fit",
+                           n_modes=n, k=kk, gain=qv)
     lk = np.log(kk)
     y = np.log(qv)
     sigma = _noise_scale(y)
     n_top = float(kk[-1])  # highest usable mode index
 
-    if beta_init is None:
-        bfit = fit_power_law(lam)
+    if beta_init is None or not math.isfinite(beta_init):
+        bfit = fit_power_law(np.where(usable, lam, 0.0))
         beta_init = bfit.exponent if bfit.success else 2.0
     beta0 = float(np.clip(beta_init, 0.5, 6.0))
 
     ylo, yhi = float(y.min()), float(y.max())
     lf_lo, lf_hi = ylo - 12.0, yhi + 2.0
-    lb = np.array([-np.inf, -20.0, math.log(0.5), math.log(0.2), lf_lo])
-    ub = np.array([np.inf, 20.0, math.log(10.0 * n_top), math.log(20.0), lf_hi])
-
-    wts = np.exp(-weight_power * lk)
+    bounds1 = (np.array([-np.inf, -20.0, math.log(0.5), math.log(0.2), lf_lo]),
+               np.array([np.inf, 20.0, math.log(10.0 * n_top), math.log(20.0), lf_hi]))
+    wts = (kk + weight_offset) ** (-weight_power)
     wts /= np.sqrt(np.mean(wts**2))
 
-    def res1(th):
-        return (_frontier_model(th, lk, decaying=decaying) - y) * wts
-
-    def jac1(th):
-        return _frontier_model(th, lk, jac=True, decaying=decaying)[1] * wts[:, None]
-
-    fit_kw = dict(loss="soft_l1", f_scale=sigma, method="trf", x_scale="jac")
-    best = None
+    # segmented starts: a line below each candidate corner, the lower quartile above it as the floor
+    starts = []
     for kc in np.geomspace(2.0, 1.5 * n_top, max(2, int(n_starts))):
         below = lk <= math.log(kc)
         if below.sum() < 3:
             below = np.zeros(n, bool)
             below[:3] = True
         a0, s0 = _line(lk[below], y[below])
-        above = ~below
-        lf0 = float(np.percentile(y[above], 25)) - 0.5 if above.any() else ylo - 2.0
-        th0 = np.array([a0, -s0, math.log(kc), math.log(beta0), lf0])
-        th0 = np.clip(th0, lb + 1e-9, ub - 1e-9)
-        try:
-            with np.errstate(all="ignore"):
-                r = optimize.least_squares(res1, th0, jac=jac1, bounds=(lb, ub), max_nfev=60, **fit_kw)
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        if np.isfinite(r.cost) and (best is None or r.cost < best.cost):
-            best = r
-    if best is None:
-        return FrontierFit(None, False, False, "frontier fit failed at every start", n_modes=n, k=kk,
-                           gain=qv, noise_scale=sigma)
-    with np.errstate(all="ignore"):
-        best = optimize.least_squares(res1, best.x, jac=jac1, bounds=(lb, ub), max_nfev=300, **fit_kw)
+        lf0 = float(np.percentile(y[~below], 25)) - 0.5 if (~below).any() else ylo - 2.0
+        starts.append(np.array([a0, -s0, math.log(kc), math.log(beta0), lf0]))
 
-    # no-frontier alternative: power law + floor
-    lb0, ub0 = np.array([-np.inf, -20.0, lf_lo]), np.array([np.inf, 20.0, lf_hi])
+    # screening on log-spaced bin means (≤ ~_SCREEN_BINS points; bin weights √count keep the cost
+    # comparable), then the best start of each floor kind is polished on every mode
+    lk_b, y_b, w_b = _log_bins(lk, y, wts)
+    kinds = ("decaying", "constant") if floor == "auto" else (floor,)
+    best, best_kind = None, kinds[0]
+    for kind in kinds:
+        screen = _FrontierModel(lk_b, decaying=kind == "decaying")
+        cand = None
+        for th0 in starts:
+            r = _lsq(screen, y_b, w_b, th0, bounds1, sigma, max_nfev=40)
+            if r is not None and (cand is None or r.cost < cand.cost):
+                cand = r
+        if cand is None:
+            continue
+        model = _FrontierModel(lk, decaying=kind == "decaying")
+        cand = _lsq(model, y, wts, cand.x, bounds1, sigma, max_nfev=300)
+        if cand is None:
+            continue
+        if best is None or cand.cost < best.cost:
+            best, best_kind = cand, kind
+    if best is None:
+        return FrontierFit(None, False, False, "no frontier: the fit failed from every start", n_modes=n,
+                           k=kk, gain=qv, noise_scale=sigma)
+    model = _FrontierModel(lk, decaying=best_kind == "decaying")
+
+    # the no-frontier alternative: power law + constant floor
+    null_model = _NullModel(lk)
+    bounds0 = (np.array([-np.inf, -20.0, lf_lo]), np.array([np.inf, 20.0, lf_hi]))
     a_all, s_all = _line(lk, y)
     null = None
     for lf0 in (ylo - 6.0, float(np.percentile(y, 10))):
-        th0 = np.clip(np.array([a_all, -s_all, lf0]), lb0 + 1e-9, ub0 - 1e-9)
-        with np.errstate(all="ignore"):
-            r0 = optimize.least_squares(lambda th: (_null_model(th, lk) - y) * wts, th0,
-                                        jac=lambda th: _null_model(th, lk, jac=True)[1] * wts[:, None],
-                                        bounds=(lb0, ub0), max_nfev=200, **fit_kw)
-        if null is None or r0.cost < null.cost:
+        r0 = _lsq(null_model, y, wts, np.array([a_all, -s_all, lf0]), bounds0, sigma, max_nfev=200)
+        if r0 is not None and (null is None or r0.cost < null.cost):
             null = r0
 
     la, c, lks, lbeta, lf = best.x
     k_fit = math.exp(lks)
     cost1 = max(float(best.cost), 1e-300)
-    cost0 = max(float(null.cost), cost1)
+    cost0 = max(float(null.cost), cost1) if null is not None else float("inf")
     dbic = n * math.log(cost0 / cost1) - 2.0 * math.log(n)
     k_probe = min(2.0 * k_fit, n_top)
-    m_probe = float(_frontier_model(best.x, np.array([math.log(k_probe)]), decaying=decaying)[0])
-    drop = (la - c * math.log(k_probe)) - m_probe
+    probe = _FrontierModel(np.array([math.log(k_probe)]), decaying=model.decaying)
+    drop = float((la - c * math.log(k_probe)) - probe(best.x)[0])
 
     # uncertainty of ln k*: Gauss-Newton covariance, inflated for residual autocorrelation
     resid = best.fun
     jm = best.jac
-    dof = max(n - 5, 1)
-    s2 = float(resid @ resid) / dof
+    s2 = float(resid @ resid) / max(n - 5, 1)
     rho = 0.0
     if n > 3 and np.std(resid) > 0:
         rho = float(np.clip(np.corrcoef(resid[:-1], resid[1:])[0, 1], 0.0, 0.95))
     try:
         cov = np.linalg.pinv(jm.T @ jm) * s2 * (1.0 + rho) / (1.0 - rho)
         se = math.sqrt(max(float(cov[2, 2]), 0.0))
-    except np.linalg.LinAlgError:
+    except (np.linalg.LinAlgError, ValueError):
         se = float("inf")
     half = max(2.0 * se, math.log(1.05))
-    k_lo_unc = max(1, int(math.floor(k_fit * math.exp(-half)))) if math.isfinite(half) else 1
-    k_hi_unc = int(math.ceil(k_fit * math.exp(half))) if math.isfinite(half) else n_all
+    if math.isfinite(half) and half < 50:
+        k_lo_unc = max(1, int(math.floor(k_fit * math.exp(-half))))
+        k_hi_unc = int(math.ceil(k_fit * math.exp(half)))
+        spread = math.exp(2.0 * half)
+    else:
+        k_lo_unc, k_hi_unc, spread = 1, n_all, float("inf")
 
     reasons = []
     if not best.success:
@@ -589,14 +666,21 @@ def estimate_frontier(
         reasons.append(f"fitted k*={k_fit:.3g} is below {k_min_frontier:g} modes")
     if k_fit > max_fraction * n_top:
         reasons.append(f"fitted k*={k_fit:.4g} lies at or beyond {max_fraction:g}·{int(n_top)} modes "
-                       "(fully learned within the spectrum)")
-    if dbic <= bic_threshold:
-        reasons.append(f"frontier model does not beat a power law + floor (ΔBIC={dbic:.3g} ≤ {bic_threshold:g})")
+                       "(learned throughout the spectrum)")
+    if not dbic > bic_threshold:
+        reasons.append(f"the frontier model does not beat a power law + floor "
+                       f"(ΔBIC={dbic:.3g} ≤ {bic_threshold:g})")
     if drop < min_drop:
-        reasons.append(f"no bend: gain at {k_probe:.3g} is only {drop:.2g} nats below the learned power law")
+        reasons.append(f"no bend: the gain at k={k_probe:.3g} is only {drop:.2g} nats below the learned "
+                       "power law")
+    if spread > max_spread:
+        reasons.append(f"k* poorly constrained (range {k_lo_unc}..{k_hi_unc})")
     detected = not reasons
     k_round = int(min(max(round(k_fit), 1), n_all)) if detected else None
-    message = f"frontier detected at k*={k_round}" if detected else "no frontier: " + "; ".join(reasons)
+    if detected:
+        message = f"frontier detected at k*={k_round} (range {k_lo_unc}..{min(k_hi_unc, n_all)})"
+    else:
+        message = "no frontier: " + "; ".join(reasons)
     return FrontierFit(
         k_star=k_round,
         detected=detected,
@@ -609,16 +693,16 @@ def estimate_frontier(
         gain_exponent=float(c),
         beta=math.exp(lbeta),
         floor=math.exp(lf),
-        null_log_amplitude=float(null.x[0]),
-        null_gain_exponent=float(null.x[1]),
-        null_floor=math.exp(null.x[2]),
+        null_log_amplitude=float(null.x[0]) if null is not None else float("nan"),
+        null_gain_exponent=float(null.x[1]) if null is not None else float("nan"),
+        null_floor=math.exp(null.x[2]) if null is not None else float("nan"),
         delta_bic=dbic,
         drop=drop,
         cost=cost1,
-        cost_null=float(null.cost),
+        cost_null=float(null.cost) if null is not None else float("nan"),
         noise_scale=sigma,
         n_modes=n,
-        floor_model=floor,
+        floor_model=best_kind,
         k=kk,
         gain=qv,
     )

@@ -55,7 +55,7 @@ def tiny_config(kind: str, vocab_size: int = 2048, hidden: int = 64, layers: int
                              pad_token_id=0)
     if kind == "gpt2":
         return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-                             pad_token_id=0)
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if kind == "llama":
         return tf.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=3 * hidden,

@@ -30,7 +30,7 @@ def render_analysis(doc: dict) -> None:
 
     t = Table(title=f"{doc['model']['source']}  ·  {doc['calibration']['tokens']} tokens", show_lines=False)
     for col in ("layer", "type", "d_in", "d_out", "b", "a", "k*", "k_max", "r*", "eff. rank"):
-        t.add_column(col, justify="left" if col in ("layer", "type") else "right")
+        t.add_column(col, justify="left" if col in ("layer", "type") else "right", no_wrap=col == "layer")
 
     def f(v, fmt="{:.2f}"):
         return "–" if v is None else fmt.format(v)
@@ -92,7 +92,9 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
         res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=str(m))
         results.append((m, res))
     docs = [r.to_dict() for _, r in results]
-    if out is not None:
+    from ..distributed import is_main
+
+    if out is not None and is_main():
         with output_dir(out, [*models, *data], overwrite) as tmp:
             if len(results) == 1:
                 results[0][1].save(tmp)

@@ -53,4 +53,7 @@ _mount_optional()
 
 
 def main() -> None:
+    from ..distributed import init_from_env
+
+    init_from_env()  # under torchrun: one process group, rank 0 writes
     app()

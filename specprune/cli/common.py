@@ -58,7 +58,11 @@ class Ctx:
         return self.fmt == OutputFormat.json
 
     def emit(self, obj: Any, human: Callable[[Any], None] | None = None) -> None:
-        """JSON document alone on stdout, or the human rendering."""
+        """JSON document alone on stdout, or the human rendering (rank 0 only under torch.distributed)."""
+        from ..distributed import is_main
+
+        if not is_main():
+            return
         if self.json:
             sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n")
             sys.stdout.flush()
@@ -69,7 +73,9 @@ class Ctx:
 
     def info(self, message: str) -> None:
         """A human status line on stderr (silent in json/quiet modes)."""
-        if not (self.json or self.quiet):
+        from ..distributed import is_main
+
+        if not (self.json or self.quiet) and is_main():
             console(stderr=True).print(message, highlight=False)
 
 
@@ -82,7 +88,9 @@ def _json_default(o):
 def console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 160  # pipes and logs get whole layer names
+    return Console(stderr=stderr, soft_wrap=False, width=width)
 
 
 def fail(message: str, code: int = 1, debug: bool = False) -> None:

@@ -100,7 +100,9 @@ def evaluate_cmd(
     ev.seconds = time.perf_counter() - t0
     ev.extra["eval_windows"] = batches.samples
     doc = ev.to_dict()
-    if out_file is not None:
+    from ..distributed import is_main
+
+    if out_file is not None and is_main():
         write_atomic(out_file, dumps(doc), inputs=inputs, overwrite=overwrite)
     ctx.emit(doc, render_evaluation)
 

@@ -111,7 +111,9 @@ def recommend_cmd(
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=ms, bits_choices=bits,
                      group_sizes=group_sizes_from(group_size), prune_method=prune_method,
                      source=loaded.source, seed=seed)
-    if out is not None:
+    from ..distributed import is_main
+
+    if out is not None and is_main():
         plan.save(out, inputs=inputs, overwrite=overwrite)
     doc = plan.to_dict()
     ctx.emit(doc, render_plan)

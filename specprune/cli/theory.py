@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -17,19 +17,21 @@ from ..errors import SpecpruneError
 from .common import Ctx, DebugOpt, FormatOpt, OutputFormat, command, console
 
 app = typer.Typer(
-    help="The corrected generalized spectral theory: exponents, pruning/loss curves, frontier, density, fits.",
+    help="The corrected generalized spectral theory: exponents, pruning/loss curves, frontier, density, "
+    "fits.",
     no_args_is_help=True,
 )
 
 G_HELP = "Evolution g: ntk | feature:beta=B | monomial:m=M,n=N[,C=C] | plugin name[:key=val,...]"
-AOpt = Annotated[str, typer.Option("--a", metavar="FLOAT", help="Target-energy exponent a > 1 (λ_k w_k² ~ k^-a).")]
+AOpt = Annotated[str, typer.Option("--a", metavar="FLOAT",
+                                   help="Target-energy exponent a > 1 (λ_k w_k² ~ k^-a).")]
 BOpt = Annotated[str, typer.Option("--b", metavar="FLOAT", help="Eigenvalue exponent b > 1 (λ_k ~ k^-b).")]
 GOpt = Annotated[str, typer.Option("--g", help=G_HELP)]
-TOpt = Annotated[Optional[str], typer.Option("--t", metavar="FLOAT", help="Training time t > 0.")]
+TOpt = Annotated[str | None, typer.Option("--t", metavar="FLOAT", help="Training time t > 0.")]
 
 
-def _num(text: Optional[str], name: str, *, low: float | None = None, strict: bool = True,
-         integer: bool = False) -> Optional[float]:
+def _num(text: str | None, name: str, *, low: float | None = None, strict: bool = True,
+         integer: bool = False) -> float | None:
     """Parse a number given on the command line; None stays None."""
     if text is None:
         return None
@@ -84,6 +86,8 @@ def _fmt(x: Any, digits: int = 6) -> str:
         return str(int(x))
     if isinstance(x, (float, np.floating)):
         return f"{float(x):.{digits}g}" if math.isfinite(float(x)) else str(float(x))
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_fmt(v, digits) for v in x) + "]"
     return str(x)
 
 
@@ -92,7 +96,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]):
 
     table = Table(title=title, title_justify="left")
     for col in columns:
-        table.add_column(col, justify="right" if col not in ("quantity", "phase", "noise", "note") else "left")
+        left = col in ("quantity", "phase", "noise", "note")
+        table.add_column(col, justify="left" if left else "right")
     for row in rows:
         table.add_row(*[_fmt(v) for v in row])
     return table
@@ -157,8 +162,8 @@ def curve_cmd(
     b: BOpt,
     g: GOpt = "ntk",
     t: TOpt = None,
-    k_star: Annotated[Optional[str], typer.Option("--k-star", metavar="FLOAT",
-                                                  help="Give the time through the frontier index instead of --t.")] = None,
+    k_star: Annotated[str | None, typer.Option(
+        "--k-star", metavar="FLOAT", help="Give the time through the frontier index instead of --t.")] = None,
     kind: Annotated[CurveKind, typer.Option("--kind", help="pruning: pruned loss vs rate at t (with r*); "
                                             "loss: L(t) and Σf² over time; bits: quantization ΔL vs bits.")]
     = CurveKind.pruning,
@@ -167,7 +172,7 @@ def curve_cmd(
     epsilon: Annotated[str, typer.Option("--epsilon", metavar="FLOAT",
                                          help="True-loss rule budget: pruned loss ≤ (1+ε) L(t).")] = "0.01",
     points: Annotated[str, typer.Option("--points", metavar="INT", help="Points on the curve.")] = "25",
-    t_max: Annotated[Optional[str], typer.Option("--t-max", metavar="FLOAT",
+    t_max: Annotated[str | None, typer.Option("--t-max", metavar="FLOAT",
                                                  help="kind=loss: last time (default 1000·t).")] = None,
     fmt: FormatOpt = OutputFormat.human,
     debug: DebugOpt = False,
@@ -186,8 +191,9 @@ def curve_cmd(
     tv = _time(ev, bv, t, k_star, default_k_star=min(1000.0, kmax / 100.0))
     spec = theory.Spectrum(av, bv, n_exact=min(10**6, kmax), k_max=kmax)
     ex = theory.exponents(av, bv, ev)
+    contract = ("rho", "chi", "gamma", "gamma_regime", "k_star_exponent")
     head = {"a": av, "b": bv, "g": ev.name, "t": tv, "k_max": kmax, "kind": kind.value,
-            "exponents": {k: getattr(ex, k) for k in ("rho", "chi", "gamma", "gamma_regime", "k_star_exponent")}}
+            "exponents": {k: getattr(ex, k) for k in contract}}
     if kind == CurveKind.pruning:
         curve = theory.pruning_curve(spec, ev, tv, points=npts, epsilon=eps)
         out = _clean({**head, **curve.to_dict(), "r_star": curve.critical.rate,
@@ -214,7 +220,8 @@ def curve_cmd(
                for i in range(ts.size)]
         slopes = {"loss": -theory.loglog_slope(ts, L),
                   "sum_f2": theory.loglog_slope(ts, F) if np.all(np.isfinite(F)) else None}
-        out = _clean({**head, "points": pts, "fitted_chi": slopes["loss"], "fitted_sum_f2_slope": slopes["sum_f2"]})
+        out = _clean({**head, "points": pts, "fitted_chi": slopes["loss"],
+                      "fitted_sum_f2_slope": slopes["sum_f2"]})
 
         def human(d: dict[str, Any]) -> None:
             rows = [[p["t"], p["k_star"], p["loss"], p["sum_f2"]] for p in d["points"]]
@@ -237,14 +244,16 @@ def curve_cmd(
         def human(d: dict[str, Any]) -> None:
             cols = ["bits"] + [r["noise"] for r in d["curves"]]
             body = [[int(bb)] + [r["delta_loss"][i] for r in d["curves"]] for i, bb in enumerate(bits)]
-            _print(_table(f"quantization excess loss at t={_fmt(tv)} (orthonormal-basis convention)", cols, body))
-            _print(_table("bit laws: ΔL ∝ 2^(slope·B) t^exponent", ["noise", "log2 slope", "t exponent", "note"],
-                          [[k, v["log2_slope"], v["t_exponent"], v["note"]] for k, v in d["bit_laws"].items()]))
+            _print(_table(f"quantization excess loss at t={_fmt(tv)} (orthonormal-basis convention)",
+                          cols, body))
+            law_rows = [[k, v["log2_slope"], v["t_exponent"], v["note"]] for k, v in d["bit_laws"].items()]
+            _print(_table("bit laws: ΔL ∝ 2^(slope·B) t^exponent",
+                          ["noise", "log2 slope", "t exponent", "note"], law_rows))
 
     ctx.emit(out, human)
 
 
-def _time(ev, b: float, t: Optional[str], k_star: Optional[str], default_k_star: float) -> float:
+def _time(ev, b: float, t: str | None, k_star: str | None, default_k_star: float) -> float:
     from .. import theory
 
     if t is not None and k_star is not None:
@@ -263,7 +272,7 @@ def _time(ev, b: float, t: Optional[str], k_star: Optional[str], default_k_star:
 def frontier_cmd(
     b: BOpt,
     g: GOpt = "ntk",
-    t: Annotated[Optional[list[str]], typer.Option("--t", metavar="FLOAT", help="Time(s) (repeatable).")] = None,
+    t: Annotated[list[str] | None, typer.Option("--t", metavar="FLOAT", help="Time(s) (repeatable).")] = None,
     t_min: Annotated[str, typer.Option("--t-min", metavar="FLOAT")] = "1e2",
     t_max: Annotated[str, typer.Option("--t-max", metavar="FLOAT")] = "1e8",
     points: Annotated[str, typer.Option("--points", metavar="INT")] = "7",
@@ -314,7 +323,7 @@ def frontier_cmd(
 def density_cmd(
     b: BOpt,
     g: GOpt = "ntk",
-    s: Annotated[Optional[str], typer.Option("--s", metavar="FLOAT",
+    s: Annotated[str | None, typer.Option("--s", metavar="FLOAT",
                                              help="P ∝ C^s (default: compute-optimal ρ/(b+ρ)).")] = None,
     c_min: Annotated[str, typer.Option("--c-min", metavar="FLOAT", help="Smallest compute.")] = "1e12",
     c_max: Annotated[str, typer.Option("--c-max", metavar="FLOAT", help="Largest compute.")] = "1e20",
@@ -355,7 +364,8 @@ def density_cmd(
 
     def human(dd: dict[str, Any]) -> None:
         _print(_kv_table(f"density along P ∝ C^{_fmt(sv)} (g = {ev.name}, b = {_fmt(bv)})", dd,
-                         ["rho", "s", "s_opt", "alpha", "alpha_paper", "alpha_capped", "capped", "alpha_measured"]),
+                         ["rho", "s", "s_opt", "alpha", "alpha_paper", "alpha_capped", "cap_binds",
+                          "alpha_measured"]),
                _table("points", ["C", "P", "t", "k*", "K_max", "δ", "capped"],
                       [[r["C"], r["P"], r["t"], r["k_star"], r["k_max"], r["density"], r["capped"]]
                        for r in dd["points"]]))
@@ -369,30 +379,31 @@ def density_cmd(
 @app.command("fit")
 @command
 def fit_cmd(
-    csv_path: Annotated[str, typer.Argument(metavar="CSV", help="Loss curve: columns step,loss (header optional).")],
-    a: Annotated[Optional[str], typer.Option("--a", metavar="FLOAT", help="Target-energy exponent a (for ρ, γ).")]
-    = None,
-    b: Annotated[Optional[str], typer.Option("--b", metavar="FLOAT", help="Eigenvalue exponent b (for ρ, γ).")]
+    csv_path: Annotated[str, typer.Argument(metavar="CSV",
+                                            help="Loss curve: columns step,loss (header optional).")],
+    a: Annotated[str | None, typer.Option("--a", metavar="FLOAT",
+                                          help="Target-energy exponent a (for ρ, γ).")] = None,
+    b: Annotated[str | None, typer.Option("--b", metavar="FLOAT", help="Eigenvalue exponent b (for ρ, γ).")]
     = None,
     a_err: Annotated[str, typer.Option("--a-err", metavar="FLOAT", help="1-σ uncertainty of a.")] = "0",
     b_err: Annotated[str, typer.Option("--b-err", metavar="FLOAT", help="1-σ uncertainty of b.")] = "0",
-    spectrum: Annotated[Optional[str], typer.Option("--spectrum", metavar="CSV",
-                                                    help="Spectrum CSV k,lambda[,energy]: fit b (and a).")] = None,
-    k_min: Annotated[Optional[str], typer.Option("--k-min", metavar="FLOAT", help="Spectrum fit range.")] = None,
-    k_max: Annotated[Optional[str], typer.Option("--k-max", metavar="FLOAT", help="Spectrum fit range.")] = None,
-    t_min: Annotated[Optional[str], typer.Option("--t-min", metavar="FLOAT", help="Fit window start.")] = None,
-    t_max: Annotated[Optional[str], typer.Option("--t-max", metavar="FLOAT", help="Fit window end.")] = None,
+    spectrum: Annotated[str | None, typer.Option(
+        "--spectrum", metavar="CSV", help="Spectrum CSV k,lambda[,energy]: fit b (and a).")] = None,
+    k_min: Annotated[str | None, typer.Option("--k-min", metavar="FLOAT", help="Spectrum fit range.")] = None,
+    k_max: Annotated[str | None, typer.Option("--k-max", metavar="FLOAT", help="Spectrum fit range.")] = None,
+    t_min: Annotated[str | None, typer.Option("--t-min", metavar="FLOAT", help="Fit window start.")] = None,
+    t_max: Annotated[str | None, typer.Option("--t-max", metavar="FLOAT", help="Fit window end.")] = None,
     floor: Annotated[str, typer.Option("--floor", help="Irreducible loss: a number, or 'fit'.")] = "0",
-    gamma: Annotated[Optional[str], typer.Option("--gamma", metavar="FLOAT",
+    gamma: Annotated[str | None, typer.Option("--gamma", metavar="FLOAT",
                                                  help="Independently measured γ to check χ + γ = ρ.")] = None,
     gamma_err: Annotated[str, typer.Option("--gamma-err", metavar="FLOAT")] = "0",
-    bootstrap: Annotated[str, typer.Option("--bootstrap", metavar="INT", help="Bootstrap resamples (0 = off).")]
-    = "200",
+    bootstrap: Annotated[str, typer.Option("--bootstrap", metavar="INT",
+                                           help="Bootstrap resamples (0 = off).")] = "200",
     seed: Annotated[str, typer.Option("--seed", metavar="INT", help="Bootstrap seed.")] = "0",
     fmt: FormatOpt = OutputFormat.human,
     debug: DebugOpt = False,
 ) -> None:
-    """Fit χ from a loss curve (with uncertainty); with a, b (or --spectrum) infer ρ, γ and check χ + γ = ρ."""
+    """Fit χ from a loss curve (with uncertainty); with a, b (or --spectrum) infer ρ, γ, check χ + γ = ρ."""
     from .. import theory
 
     ctx = Ctx(fmt)
@@ -429,7 +440,8 @@ def fit_cmd(
         ident = theory.identify(fit.chi, max(sigma, fit.chi_stderr), av, bv, ae, be, gamma=gv,
                                 gamma_stderr=_num(gamma_err, "--gamma-err", low=0, strict=False))
     out = _clean({"csv": csv_path, "chi": fit.chi, "chi_stderr": fit.chi_stderr, "fit": fit.to_dict(),
-                  "spectrum_fit": spec_fit or None, "identification": None if ident is None else ident.to_dict()})
+                  "spectrum_fit": spec_fit or None,
+                  "identification": None if ident is None else ident.to_dict()})
 
     def human(d: dict[str, Any]) -> None:
         _print(_kv_table(f"loss-curve fit ({csv_path})", d["fit"],
@@ -437,7 +449,8 @@ def fit_cmd(
                           "t_min", "t_max"]))
         if d["identification"]:
             _print(_kv_table("identification", d["identification"],
-                             ["a", "b", "rho", "rho_stderr", "k_star_exponent", "gamma_regime", "gamma_predicted",
-                              "gamma_predicted_stderr", "gamma_measured", "closure", "closure_z", "consistent"]))
+                             ["a", "b", "rho", "rho_stderr", "k_star_exponent", "gamma_regime",
+                              "gamma_predicted", "gamma_predicted_stderr", "gamma_measured", "closure",
+                              "closure_z", "consistent"]))
 
     ctx.emit(out, human)

@@ -32,8 +32,12 @@ dense layer holding W_k. ``rank_for_rate`` / ``prune_rate_for_rank`` convert bet
 contract's prune_rate (fraction of the layer's weight parameters removed) and k.
 
 ``magnitude`` — unstructured: the ``prune_rate`` fraction (rounded to whole weights) of the
-smallest |w| in the layer's weight is set to zero with ``torch.nn.utils.prune.l1_unstructured``,
-made permanent at once with ``prune.remove`` (no mask, no hook, same Parameter object).
+smallest |w| in the layer's weight is set to zero. The mask is torch's own
+``torch.nn.utils.prune.L1Unstructured`` mask (what ``prune.l1_unstructured`` computes) and it is
+multiplied into the weight in place, which is exactly the state ``l1_unstructured`` followed by
+``prune.remove`` leaves — no mask buffer, no hook, the same Parameter object — without the
+temporary reparametrisation in between (that round trip also moves ``weight`` behind ``bias`` in
+the module's parameter order, and an interrupt between the two calls would leave a hook).
 """
 
 from __future__ import annotations
@@ -384,8 +388,8 @@ class WhitenedPruner(_LowRankPruner):
 
 
 class MagnitudePruner:
-    """``magnitude``: zero the ``prune_rate`` fraction of smallest-|w| weights of the layer
-    (torch.nn.utils.prune.l1_unstructured, made permanent with prune.remove)."""
+    """``magnitude``: zero the ``prune_rate`` fraction of smallest-|w| weights of the layer with
+    torch's L1Unstructured mask applied permanently (see the module docstring)."""
 
     name = "magnitude"
     kind = "prune"
@@ -396,10 +400,9 @@ class MagnitudePruner:
         rate = float(layer_plan.prune_rate or 0.0)
         if rate <= 0.0:
             return None
-        module = layer.module
-        try:
-            torch_prune.l1_unstructured(module, "weight", amount=rate)
-        finally:
-            if torch_prune.is_pruned(module):
-                torch_prune.remove(module, "weight")
+        weight = layer.module.weight
+        method = torch_prune.L1Unstructured(amount=rate)
+        with torch.no_grad():
+            mask = method.compute_mask(weight.detach(), default_mask=torch.ones_like(weight, dtype=torch.bool))
+            weight.mul_(mask.to(weight.dtype))
         return None

@@ -26,7 +26,7 @@ from .evolution import as_evolution
 from .exponents import _check_ab
 from .frontier import KAPPA, asymptotics, k_star
 
-__all__ = ["density", "density_exponent", "compute_optimal_exponent", "DensityLaw", "density_law"]
+__all__ = ["DensityLaw", "compute_optimal_exponent", "density", "density_exponent", "density_law"]
 
 
 def _b_ok(b: float) -> float:
@@ -76,7 +76,7 @@ class DensityLaw:
     alpha_paper: float  # (ρ/b)(1−s): the paper's expression, missing −s
     alpha_capped: float  # min(0, alpha): asymptotic exponent with k* ≤ K_max ∝ P
     s_opt: float  # ρ/(b+ρ)
-    capped: bool  # s < s_opt: the capacity cap binds
+    cap_binds: bool  # s < s_opt: the capacity cap binds asymptotically (δ → const)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,8 @@ numerically, see :mod:`specprune.theory.frontier`).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -27,17 +28,17 @@ ArrayLike = Any
 GFunc = Callable[[np.ndarray, Any], np.ndarray]
 
 __all__ = [
+    "CallableEvolution",
     "Evolution",
     "Monomial",
     "Polynomial",
-    "CallableEvolution",
-    "ntk_factory",
+    "as_evolution",
+    "feature_exponent",
     "feature_factory",
     "monomial_factory",
-    "polynomial_factory",
-    "feature_exponent",
+    "ntk_factory",
     "parse_g",
-    "as_evolution",
+    "polynomial_factory",
 ]
 
 
@@ -143,7 +144,9 @@ class CallableEvolution(Evolution):
         try:
             out = self.fn(lam, t)
         except Exception as err:  # user code: report in one line
-            raise SpecpruneError(f"evolution function {self.name!r} failed: {type(err).__name__}: {err}") from err
+            raise SpecpruneError(
+                f"evolution function {self.name!r} failed: {type(err).__name__}: {err}"
+            ) from err
         out = np.asarray(out, dtype=float)
         if out.shape != np.broadcast_shapes(lam.shape, t.shape):
             out = np.broadcast_to(out, np.broadcast_shapes(lam.shape, t.shape, out.shape))
@@ -170,7 +173,8 @@ def _take(params: dict[str, Any], allowed: set[str], what: str) -> dict[str, flo
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise SpecpruneError(
-            f"{what}: unknown parameter(s) {', '.join(unknown)} (accepted: {', '.join(sorted(allowed)) or 'none'})"
+            f"{what}: unknown parameter(s) {', '.join(unknown)} "
+            f"(accepted: {', '.join(sorted(allowed)) or 'none'})"
         )
     out = {}
     for key, val in params.items():

@@ -26,7 +26,7 @@ from ..errors import SpecpruneError
 from .evolution import as_evolution
 from .frontier import KAPPA, asymptotics, rate_argmax_level
 
-__all__ = ["Exponents", "exponents", "classify_regime", "REGIMES", "LOG_TOL"]
+__all__ = ["LOG_TOL", "REGIMES", "Exponents", "classify_regime", "exponents"]
 
 REGIMES = ("power", "logarithmic", "saturating", "cutoff-dominated")
 LOG_TOL = 1e-9
@@ -112,7 +112,8 @@ def exponents(a: float, b: float, g: Any = "ntk", t: float | None = None, kappa:
         gamma = c * nu
         gamma_eff = gamma
         sum_const = float(special.zeta(a - b))
-        notes.append("Σf² = A k*^(1+b-a) + ζ(a-b) + o(1); the constant biases finite-t slopes when 1+b-a is small")
+        notes.append("Σf² = A k*^(1+b-a) + ζ(a-b) + o(1); the constant biases finite-t slopes "
+                     "when 1+b-a is small")
     elif regime == "logarithmic":
         gamma_eff = 0.0
         log_coef = nu
@@ -128,11 +129,13 @@ def exponents(a: float, b: float, g: Any = "ntk", t: float | None = None, kappa:
         notes.append(f"2bm = {2 * b * asy.m_tail:.6g} <= 1+b-a = {c:.6g}: Σf² diverges with the number of "
                      f"modes K (∝ K^(1+b-a-2bm) t^(2n) at fixed K)")
     if not asy.converged:
-        notes.append(f"rho still drifts at the deepest frontier probed (t = {asy.t:.3g}); pass t for a local value")
+        notes.append(f"rho still drifts at the deepest frontier probed (t = {asy.t:.3g}); "
+                     "pass t for a local value")
     return Exponents(
         a=a, b=b, g=ev.name, rho=rho, chi=chi, gamma=gamma, gamma_regime=regime, k_star_exponent=nu,
         gamma_effective=gamma_eff, chi_plus_gamma_equals_rho=gamma is not None,
-        m=asy.m, n=asy.n, m_tail=asy.m_tail, n_tail=asy.n_tail, c=c, sum_f2_constant=sum_const, log_coefficient=log_coef,
+        m=asy.m, n=asy.n, m_tail=asy.m_tail, n_tail=asy.n_tail, c=c, sum_f2_constant=sum_const,
+        log_coefficient=log_coef,
         approach_exponent=approach, rate_argmax_level=rate_argmax_level(a, b, asy.m_tail), kappa=kappa,
         rho_source=asy.source, rho_converged=asy.converged, t=t if t is not None else asy.t, notes=notes,
     )

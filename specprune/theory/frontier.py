@@ -31,16 +31,16 @@ _LN_MIN, _LN_MAX = -690.0, 690.0  # ln of the smallest/largest λ or t searched
 
 __all__ = [
     "KAPPA",
+    "Asymptotics",
+    "asymptotics",
+    "elasticities",
     "frontier_lambda",
     "frontier_time",
     "k_star",
-    "t_at_k_star",
-    "elasticities",
-    "rho_local",
-    "rho_from_frontier",
-    "Asymptotics",
-    "asymptotics",
     "rate_argmax_level",
+    "rho_from_frontier",
+    "rho_local",
+    "t_at_k_star",
 ]
 
 
@@ -208,11 +208,19 @@ def asymptotics(g: Any, t: float | None = None, kappa: float = KAPPA) -> Asympto
         _, m_tail, n_tail = min(g.terms, key=lambda term: (term[1], -term[2]))
         return Asymptotics(n / m, m, n, m_tail, n_tail, "analytic", True, None)
     # numeric t → ∞: follow the frontier down in λ* until ρ stops moving
-    lam_grid = 10.0 ** -np.arange(4.0, 64.0, 4.0)
-    with np.errstate(over="ignore"):
-        times = frontier_time(g, lam_grid, kappa)
-    ok = np.isfinite(times) & (times < 1e300)
-    lam_grid, times = lam_grid[ok], times[ok]
+    lams, ts = [], []
+    for lam_val in 10.0 ** -np.arange(4.0, 64.0, 4.0):
+        try:  # stop where the frontier time leaves the floating-point range
+            tv = float(frontier_time(g, np.array([lam_val]), kappa)[0])
+        except SpecpruneError:
+            if not lams:  # g fails at an ordinary frontier: report its own error
+                raise
+            break
+        if not (math.isfinite(tv) and tv < 1e300):
+            break
+        lams.append(lam_val)
+        ts.append(tv)
+    lam_grid, times = np.asarray(lams), np.asarray(ts)
     if lam_grid.size < 2:
         raise SpecpruneError(f"cannot follow the frontier of {g.name!r} to large t")
     e_lam, e_t = elasticities(g, lam_grid, times)
@@ -222,8 +230,8 @@ def asymptotics(g: Any, t: float | None = None, kappa: float = KAPPA) -> Asympto
     converged = bool(abs(rhos[-1] - rhos[-2]) <= 1e-6 * max(1.0, abs(rhos[-1])))
     t_ref = float(times[0])
     m_tail, n_tail = _tail_elasticities(g, t_ref, float(lam_grid[0]))
-    return Asymptotics(float(rhos[-1]), float(e_lam[-1]), float(e_t[-1]), m_tail, n_tail, "numeric", converged,
-                       None if converged else float(times[-1]))
+    return Asymptotics(float(rhos[-1]), float(e_lam[-1]), float(e_t[-1]), m_tail, n_tail, "numeric",
+                       converged, None if converged else float(times[-1]))
 
 
 def rate_argmax_level(a: float, b: float, m: float) -> float | None:

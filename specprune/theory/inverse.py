@@ -21,8 +21,17 @@ import numpy as np
 from ..errors import InputError, SpecpruneError
 from .exponents import _check_ab, classify_regime
 
-__all__ = ["read_loss_csv", "read_spectrum_csv", "LossFit", "fit_loss_curve", "PowerFit", "fit_power_law",
-           "fit_spectrum", "Identification", "identify"]
+__all__ = [
+    "Identification",
+    "LossFit",
+    "PowerFit",
+    "fit_loss_curve",
+    "fit_power_law",
+    "fit_spectrum",
+    "identify",
+    "read_loss_csv",
+    "read_spectrum_csv",
+]
 
 
 def _read_numeric_csv(path: str | Path, columns: tuple[str, ...], required: int) -> dict[str, np.ndarray]:
@@ -128,10 +137,12 @@ def fit_power_law(x: Any, y: Any, x_min: float | None = None, x_max: float | Non
         raise SpecpruneError(f"need at least 3 positive points in the fit range, got {int(keep.sum())}")
     lx, ly = np.log(x[keep]), np.log(y[keep])
     slope, icpt, se, r2 = _ols(lx, ly)
-    return PowerFit(-slope, se, math.exp(icpt), r2, int(keep.sum()), float(x[keep].min()), float(x[keep].max()))
+    return PowerFit(-slope, se, math.exp(icpt), r2, int(keep.sum()), float(x[keep].min()),
+                    float(x[keep].max()))
 
 
-def fit_spectrum(values: Any, k: Any = None, k_min: float | None = None, k_max: float | None = None) -> PowerFit:
+def fit_spectrum(values: Any, k: Any = None, k_min: float | None = None,
+                 k_max: float | None = None) -> PowerFit:
     """Power-law exponent of a spectrum (λ_k ~ k^(−b) or e_k ~ k^(−a)); k defaults to 1..N."""
     values = np.asarray(values, dtype=float)
     k = np.arange(1, values.size + 1, dtype=float) if k is None else np.asarray(k, dtype=float)

@@ -28,8 +28,15 @@ from .evolution import as_evolution
 from .frontier import KAPPA, k_star
 from .sums import Spectrum, _g_at, _g_of_u, loss, loss_at_zero, tail_integral
 
-__all__ = ["pruned_loss_increase", "pruned_distance", "PruningCurve", "pruning_curve", "CriticalCut",
-           "critical_cut", "DEFAULT_EPSILON"]
+__all__ = [
+    "DEFAULT_EPSILON",
+    "CriticalCut",
+    "PruningCurve",
+    "critical_cut",
+    "pruned_distance",
+    "pruned_loss_increase",
+    "pruning_curve",
+]
 
 DEFAULT_EPSILON = 0.01
 """Default relative loss budget ε of the true-loss rule (1% above the unpruned loss)."""
@@ -147,7 +154,7 @@ def critical_cut(spec: Spectrum, g: Any, t: float, epsilon: float = DEFAULT_EPSI
                 lo = mid
             else:
                 hi = mid
-        kc = int(math.ceil(hi))
+        kc = math.ceil(hi)
         delta = beyond(kc)
     ks = float(k_star(g, spec.b, np.array([t]), kappa)[0])
     rate = None if spec.k_max is None else max(0.0, 1.0 - kc / spec.k_max)

@@ -33,7 +33,7 @@ from .evolution import as_evolution
 from .frontier import KAPPA, asymptotics
 from .sums import Spectrum, _g_at, _g_of_u, sum_f2, tail_integral
 
-__all__ = ["NOISE_MODELS", "quantization_excess_loss", "perturbation_excess_loss", "BitLaw", "bit_law"]
+__all__ = ["NOISE_MODELS", "BitLaw", "bit_law", "perturbation_excess_loss", "quantization_excess_loss"]
 
 NOISE_MODELS = ("additive", "relative", "rtn-zero")
 

@@ -19,9 +19,10 @@ pushes fitted exponents upward when a is near 1 (correction 4).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy import integrate, special
@@ -30,8 +31,16 @@ from ..errors import SpecpruneError
 from .evolution import Evolution, as_evolution
 from .frontier import KAPPA, asymptotics, k_star
 
-__all__ = ["Spectrum", "loss", "sum_f2", "loss_and_f2", "loss_at_zero", "energy_beyond", "tail_integral",
-           "loglog_slope"]
+__all__ = [
+    "Spectrum",
+    "energy_beyond",
+    "loglog_slope",
+    "loss",
+    "loss_and_f2",
+    "loss_at_zero",
+    "sum_f2",
+    "tail_integral",
+]
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,7 @@ def energy_beyond(spec: Spectrum, g: Any, t: float, kappa: float = KAPPA) -> dic
         raise SpecpruneError(f"k* = {ks:.3g} is beyond the exactly summed modes (n_exact = {spec.n})")
     gk = _g_at(g, spec.lam, float(t))
     f2 = spec.w2 * np.square(-np.expm1(-gk))
-    beyond = float(f2[int(math.floor(ks)):].sum())
+    beyond = float(f2[math.floor(ks):].sum())
     total = float(f2.sum())
     if spec.has_tail:
         tail = _f2_tail(spec, g, float(t))

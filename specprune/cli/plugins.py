@@ -1,0 +1,98 @@
+"""``specprune plugins``: what the entry-point registries discovered, built-ins included.
+
+Listing reads package metadata only (nothing is imported), so a broken plugin still shows up;
+``--check`` imports each one and reports whether it loads. A name registered by two packages is
+an error naming both (exit 1), as everywhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .common import Ctx, DebugOpt, FormatOpt, OutputFormat, QuietOpt, command, console
+
+EPILOG = """Examples:
+
+  specprune plugins
+
+  specprune plugins --kind compressors --format json
+
+  specprune plugins --check
+"""
+
+KindOpt = Annotated[Optional[list[str]], typer.Option(
+    "--kind", help="Only these kinds: evolution, compressors, adapters, metrics (repeatable).")]
+CheckOpt = Annotated[bool, typer.Option("--check", help="Import every plugin and report whether it loads.")]
+
+
+def plugin_rows(kinds: list[str] | None = None, check: bool = False) -> list[dict]:
+    """One dict per discovered plugin, ordered by kind (registry order) then name:
+    ``{kind, name, package, version, value, builtin}``, plus ``loaded`` and ``error`` with ``check``."""
+    from .. import registry
+    from ..errors import InputError
+
+    wanted = list(registry.KINDS) if not kinds else list(dict.fromkeys(kinds))
+    unknown = [k for k in wanted if k not in registry.KINDS]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(registry.KINDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"unknown plugin kind {unknown[0]!r}{hint} (known: {', '.join(registry.KINDS)})")
+    rows = []
+    for kind in wanted:
+        for info in registry.available(kind):
+            row = {"kind": info.kind, "name": info.name, "package": info.package, "version": info.version,
+                   "value": info.value, "builtin": info.builtin}
+            if check:
+                try:
+                    registry.get(kind, info.name)
+                    row.update(loaded=True, error=None)
+                except Exception as err:  # report every failure, keep listing the rest
+                    row.update(loaded=False, error=str(err))
+            rows.append(row)
+    return rows
+
+
+def render_plugins(rows: list[dict]) -> None:
+    """A rich table: kind, name, package, version, entry point, built-in (and load status)."""
+    from rich.table import Table
+
+    checked = any("loaded" in r for r in rows)
+    third = sum(1 for r in rows if not r["builtin"])
+    t = Table(title=f"specprune plugins: {len(rows)} registered ({third} from other packages)",
+              title_justify="left")
+    for col in ("kind", "name", "package", "version", "entry point", "built-in"):
+        t.add_column(col)
+    if checked:
+        t.add_column("loads")
+    for r in rows:
+        cells = [r["kind"], r["name"], r["package"], r["version"], r["value"], "yes" if r["builtin"] else "no"]
+        if checked:
+            cells.append("ok" if r["loaded"] else f"[red]{r['error']}[/red]")
+        t.add_row(*cells)
+    c = console()
+    c.print(t)
+    from .. import registry
+
+    if registry._autoload_disabled():
+        c.print(f"{registry.AUTOLOAD_ENV} is set: only specprune's built-ins are listed", highlight=False)
+
+
+def plugins_cmd(
+    kind: KindOpt = None,
+    check: CheckOpt = False,
+    fmt: FormatOpt = OutputFormat.human,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the registered evolution functions, compressors, layer adapters and metrics, with the
+    package and version that provides each (built-ins register through the same entry points)."""
+    ctx = Ctx(fmt, quiet)
+    ctx.emit(plugin_rows(kind, check), render_plugins)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plugins", epilog=EPILOG)(command(plugins_cmd))

@@ -1,0 +1,87 @@
+"""torch.distributed support: each rank streams its own share of the batches; sums are all-reduced.
+
+Under ``torchrun`` (any backend: nccl on GPUs, gloo on CPUs) call
+``torch.distributed.init_process_group`` (the CLI does it when ``WORLD_SIZE`` > 1) and use
+specprune as usual: :func:`shard` gives rank r the batches r, r + W, r + 2W, …; Gram sums,
+token counts and metric sums are all-reduced, so every rank holds the single-process result
+(up to floating-point summation order) and rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def is_distributed() -> bool:
+    d = _dist()
+    return d is not None and d.get_world_size() > 1
+
+
+def rank() -> int:
+    d = _dist()
+    return d.get_rank() if d is not None else 0
+
+
+def world_size() -> int:
+    d = _dist()
+    return d.get_world_size() if d is not None else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Initialise the process group from torchrun's environment (WORLD_SIZE > 1); gloo unless every
+    rank has a GPU. Returns True when running distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("SPECPRUNE_DIST_BACKEND") != "gloo" \
+            else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def shard(batches: list) -> list:
+    """This rank's share of a list of batches (all of them when not distributed)."""
+    if not is_distributed():
+        return list(batches)
+    mine = list(batches)[rank()::world_size()]
+    if not mine:
+        from .errors import InputError
+
+        raise InputError(f"rank {rank()} got no batch: {len(batches)} batches for {world_size()} processes")
+    return mine
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (no-op when not distributed)."""
+    d = _dist()
+    if d is not None and d.get_world_size() > 1:
+        d.all_reduce(t, op=d.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_scalars(*values: float) -> list[float]:
+    """Sum a few Python numbers over ranks (float64)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    d = _dist()
+    if d.get_backend() == "nccl":
+        t = t.cuda()
+    all_reduce_(t)
+    return [float(v) for v in t.cpu()]
