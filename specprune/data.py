@@ -242,7 +242,7 @@ def _select(x, extra, key, samples, batch_size, seed, split, seq_len, names) -> 
         idx = np.random.default_rng(seed).permutation(n)[:samples]
     else:
         calib, held = split_indices(n, seed)
-        idx = held if split == "evaluation" else calib[:samples]
+        idx = held[:samples] if split == "evaluation" else calib[:samples]
     idx_t = torch.as_tensor(np.sort(idx) if split == "evaluation" else idx, dtype=torch.long)
     sel = x[idx_t]
     ext = {k: v[idx_t] for k, v in extra.items()}

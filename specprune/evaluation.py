@@ -7,7 +7,7 @@
 * ``output-mse`` — anything else: Σ‖f̃(x) − f(x)‖² / Σ‖f(x)‖² over all counted positions
   (ratio of sums, masked by the attention mask), f = ``logits`` if present, else
   ``last_hidden_state``, else the first tensor of the output.
-* ``module:callable`` — a user function ``fn(model, batch) -> (sum, count)``; delta = relative change
+* ``module:callable`` or a registered metric plugin — ``fn(model, batch, device) -> (sum, count)``; delta = relative change
   of the mean.
 
 An :class:`Evaluator` computes the reference once and then measures any number of compressed
@@ -67,17 +67,13 @@ def resolve_metric(name: str, model: nn.Module, batches: Batches) -> str:
         if "labels" in batches.batches[0]:
             return "task-loss"
         return "output-mse"
-    if name in METRICS or ":" in name:
-        if name == "lm-loss" and "input_ids" not in batches.batches[0]:
-            raise InputError("--metric lm-loss needs token data (input_ids)")
-        if name == "task-loss" and "labels" not in batches.batches[0]:
-            raise InputError("--metric task-loss needs data with labels")
-        return name
-    import difflib
-
-    close = difflib.get_close_matches(name, METRICS, n=1)
-    raise InputError(f"unknown metric {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                     + f" (known: {', '.join(METRICS)}, or module:callable)")
+    if name == "lm-loss" and "input_ids" not in batches.batches[0]:
+        raise InputError("--metric lm-loss needs token data (input_ids)")
+    if name == "task-loss" and "labels" not in batches.batches[0]:
+        raise InputError("--metric task-loss needs data with labels")
+    if name not in METRICS:
+        metric_function(name)  # unknown names fail here with a near-match suggestion
+    return name
 
 
 def _lm_loss_sum(model, batch, device) -> tuple[float, int]:
@@ -124,6 +120,47 @@ def _masked_output(model, batch, device) -> torch.Tensor:
     return y.reshape(y.shape[0], -1).cpu() if y.dim() > 1 else y.reshape(-1, 1).cpu()
 
 
+class LMLoss:
+    """Built-in ``lm-loss`` metric: mean next-token cross-entropy (registered as a metric plugin)."""
+
+    name = "lm-loss"
+
+    def __call__(self, model, batch, device=None) -> tuple[float, int]:
+        return _lm_loss_sum(model, batch, device)
+
+
+class TaskLoss:
+    """Built-in ``task-loss`` metric: the model's loss on labelled batches."""
+
+    name = "task-loss"
+
+    def __call__(self, model, batch, device=None) -> tuple[float, int]:
+        return _task_loss_sum(model, batch, device)
+
+
+class OutputMSE:
+    """Built-in ``output-mse`` marker: relative output MSE against the reference (handled by Evaluator)."""
+
+    name = "output-mse"
+
+
+def metric_function(name: str) -> Callable:
+    """A (sum, count) metric by name: ``module:callable`` or a registered metric plugin. Plugin metrics
+    are callables ``fn(model, batch, device) -> (sum, count)``; the delta is the relative change of the
+    mean sum/count against the reference model."""
+    from . import registry
+    from .models import import_callable
+
+    if ":" in name:
+        fn = import_callable(name)
+    else:
+        obj = registry.get("metrics", name)
+        fn = obj() if isinstance(obj, type) else obj
+    if not callable(fn):
+        raise InputError(f"metric {name!r} is not callable")
+    return fn
+
+
 @dataclass
 class Evaluation:
     """evaluation.json (contract fields plus extras)."""
@@ -149,7 +186,13 @@ class Evaluation:
 
 
 class Evaluator:
-    """Reference statistics computed once; ``delta(model)`` measures a variant against them."""
+    """Reference statistics computed once; ``delta(model)`` measures a variant against them.
+
+    Per-batch numbers are kept so every measurement also has a standard error: the delta is a
+    ratio of sums δ = Σ_b a_b / Σ_b r_b (output-mse: a_b = Σ‖f̃ − f‖², r_b = Σ‖f‖²; losses:
+    a_b = L̃_b − L_b, r_b = L_b as sums), whose ratio-estimator standard error is
+    sqrt(B/(B−1) · Σ_b (a_b − δ r_b)²) / Σ_b r_b over the B batches.
+    """
 
     def __init__(self, reference: nn.Module, batches: Batches, metric: str = "auto", device=None,
                  description: str = "reference"):
@@ -158,74 +201,78 @@ class Evaluator:
         self.device = device
         self.metric = resolve_metric(metric, reference, batches)
         self._custom: Callable | None = None
-        if ":" in self.metric:
-            from .models import import_callable
-
-            self._custom = import_callable(self.metric)
+        if self.metric not in METRICS:
+            self._custom = metric_function(self.metric)
         self._ref_outputs: list[torch.Tensor] = []
+        self.last_stderr: float = float("nan")
         with torch.inference_mode():
             if self.metric == "output-mse":
-                num = 0.0
-                count = 0
+                parts = []
                 for b in track(self._mine, description):
                     y = _masked_output(reference, b, device)
                     self._ref_outputs.append(y)
-                    num += float(y.double().pow(2).sum())
-                    count += y.shape[0]
-                num, count = all_reduce_scalars(num, count)
-                self.reference_sum = num
-                self.reference_value = num / max(count, 1)
-                self.count = count
+                    parts.append((float(y.double().pow(2).sum()), int(y.shape[0])))
             else:
-                self.reference_value = self._mean(reference, description)
+                parts = [self._sum(reference, b) for b in track(self._mine, description)]
+        self._ref_parts = parts
+        total, count = all_reduce_scalars(sum(p[0] for p in parts), sum(p[1] for p in parts))
+        if count == 0:
+            raise InputError("the evaluation data has no counted positions")
+        self.count = count
+        self.reference_sum = total
+        self.reference_value = total / count
         if not (self.reference_value == self.reference_value) or self.reference_value == 0:
             raise InputError(f"the reference {self.metric} is {self.reference_value}: a relative delta "
                              "is undefined (check the data and the model)")
 
     def _sum(self, model, batch) -> tuple[float, int]:
         if self._custom is not None:
-            s, n = self._custom(model, to_device(batch, self.device))
+            s, n = self._custom(model, to_device(batch, self.device), self.device)
             return float(s), int(n)
         if self.metric == "lm-loss":
             return _lm_loss_sum(model, batch, self.device)
         return _task_loss_sum(model, batch, self.device)
 
-    def _mean(self, model, description: str) -> float:
-        total, count = 0.0, 0
-        for b in track(self._mine, description):
-            s, n = self._sum(model, b)
-            total += s
-            count += n
-        total, count = all_reduce_scalars(total, count)
-        if count == 0:
-            raise InputError("the evaluation data has no counted positions")
-        return total / count
-
-    def value(self, model: nn.Module, description: str = "evaluation") -> float:
-        """The metric's value for ``model`` (output-mse: mean ‖f̃ − f‖² per position)."""
+    def _parts(self, model, description: str) -> list[float]:
+        """Per-batch numerators a_b (see class docstring)."""
         with torch.inference_mode():
             if self.metric == "output-mse":
-                num = 0.0
-                for b, ref in zip(track(self._mine, description), self._ref_outputs):
-                    y = _masked_output(model, b, self.device)
-                    num += float((y.double() - ref.double()).pow(2).sum())
-                (num,) = all_reduce_scalars(num)
-                return num / max(self.count, 1)
-            return self._mean(model, description)
-
-    def delta_from_value(self, value: float) -> float:
-        if self.metric == "output-mse":
-            return value / self.reference_value
-        return (value - self.reference_value) / abs(self.reference_value)
+                return [float((_masked_output(model, b, self.device).double() - ref.double()).pow(2).sum())
+                        for b, ref in zip(track(self._mine, description), self._ref_outputs)]
+            return [self._sum(model, b)[0] - r[0] for b, r in zip(track(self._mine, description),
+                                                                   self._ref_parts)]
 
     def delta(self, model: nn.Module, description: str = "evaluation") -> float:
-        return self.delta_from_value(self.value(model, description))
+        """Relative delta against the reference; its standard error is left in ``last_stderr``."""
+        a = self._parts(model, description)
+        r = [p[0] for p in self._ref_parts]
+        (num,) = all_reduce_scalars(sum(a))
+        d = num / self.reference_sum if self.metric == "output-mse" else num / abs(self.reference_sum)
+        nb = len(a)
+        if nb > 1:
+            resid = sum((ai - d * ri) ** 2 for ai, ri in zip(a, r))
+            self.last_stderr = float((nb / (nb - 1) * resid) ** 0.5 / abs(sum(r)))
+        else:
+            self.last_stderr = float("nan")
+        return float(d)
+
+    def value_from_delta(self, delta: float) -> float:
+        """The metric's value for a measured delta (output-mse: mean ‖f̃ − f‖² per position)."""
+        if self.metric == "output-mse":
+            return delta * self.reference_value
+        return self.reference_value * (1.0 + delta) if self.reference_value > 0 else \
+            self.reference_value + delta * abs(self.reference_value)
+
+    def value(self, model: nn.Module, description: str = "evaluation") -> float:
+        return self.value_from_delta(self.delta(model, description))
 
     def evaluation(self, model: nn.Module, predicted_delta: float | None = None, **extra) -> Evaluation:
         t0 = time.perf_counter()
-        v = self.value(model)
-        return Evaluation(self.metric, float(self.reference_value), float(v), float(self.delta_from_value(v)),
-                          predicted_delta, seconds=time.perf_counter() - t0, **extra)
+        d = self.delta(model)
+        ev = Evaluation(self.metric, float(self.reference_value), float(self.value_from_delta(d)), float(d),
+                        predicted_delta, seconds=time.perf_counter() - t0, **extra)
+        ev.extra["measured_delta_stderr"] = self.last_stderr if self.last_stderr == self.last_stderr else None
+        return ev
 
 
 def evaluate(model: nn.Module, data, reference: nn.Module | None = None, metric: str = "auto",

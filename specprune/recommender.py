@@ -11,11 +11,12 @@ tolerance at the smallest size.
    their bits plus one 16-bit scale per group or channel (the contract's ``bits_after``).
 3. Allocation: minimise total bits subject to Σ_l δ_l ≤ budget — a multiple-choice knapsack
    solved by Lagrangian relaxation (bisection on the multiplier) followed by a greedy pass
-   that spends what is left of the budget. The budget is the tolerance mapped back through
-   the calibration map, with a safety margin of one uncertainty.
-4. Verification: the chosen plan is applied temporarily and measured on the calibration
-   subset; if it misses the budget the map is corrected by that measurement and the
-   allocation repeated (at most three times).
+   that spends what is left of the budget. The first budget is 80% of the tolerance mapped
+   back through the calibration map (calibration windows are not the evaluation windows).
+4. Verification: the chosen plan is applied temporarily and measured on up to 48 calibration
+   windows; the budget is rescaled by target/measured and the allocation repeated (at most six
+   rounds). The smallest plan whose measurement met the target is kept, and that measurement
+   is its calibrated prediction (the model-only prediction is kept in ``details``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 RANK_FRACTIONS = (0.9, 0.75, 0.6, 0.45, 0.3, 0.15)
 COMBO_BITS = (4, 6, 8)
 SCALE_BITS = 16
+TARGET_FRACTION = 0.8  # aim below the tolerance: calibration windows are not the evaluation windows
+MAX_ROUNDS = 6
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Option:
     prune_rate: float
 
     def delta(self, sens: LayerSensitivity) -> float:
-        return sens.quant * self.d_quant + (sens.prune or sens.quant) * self.d_prune
+        return sens.delta(self.d_quant, self.d_prune)
 
 
 def weight_bits(d_in: int, d_out: int, rank: int | None, bits: int | None, group_size: int | None,
@@ -204,8 +207,8 @@ def measure_plan(model: nn.Module, plan: Plan, analysis, evaluator) -> float:
 
 def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=None, *,
               metric: str = "auto", methods=("prune", "quantize"), bits_choices=DEFAULT_BITS,
-              group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int = 16,
-              source: str | None = None, seed: int = 0, verify: bool = True) -> Plan:
+              group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int = 8,
+              verify_samples: int = 48, source: str | None = None, seed: int = 0, verify: bool = True) -> Plan:
     """A per-layer plan for ``tolerance`` (relative metric increase). With ``model`` and ``data``
     the prediction is calibrated by measurement (see module docstring); without them it is the
     uncalibrated layer-local estimate (each layer's relative output distortion, summed)."""
@@ -244,12 +247,11 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
                      "prune_method": pm, "bits_choices": list(bits_choices),
                      "group_sizes": [g for g in group_sizes]}
     calibrated = data is not None
+    evaluator = verifier = None
     if calibrated:
         batches = data if isinstance(data, Batches) else from_iterable(data)
-        subset = Batches(_take_windows(batches, sensitivity_samples), 0, batches.seq_len, batches.seed,
-                         batches.sources)
-        subset.samples = sum(int(next(iter(b.values())).shape[0]) for b in subset.batches)
-        evaluator = Evaluator(model, subset, metric)
+        evaluator = Evaluator(model, _subset(batches, sensitivity_samples), metric, description="reference")
+        verifier = Evaluator(model, _subset(batches, verify_samples), metric, description="reference")
         sens = measure_sensitivities(layers, geoms, evaluator, model, pm)
         cmap = _calibrate_map(model, layers, options, sens, analysis, evaluator, bits_choices, pm)
         metric_name = evaluator.metric
@@ -258,46 +260,72 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
                                            1.0 / max(geoms[lay.name].energy, 1e-30)) for lay in layers}
         cmap = CalibrationMap(1.0, 1.0, math.log(3.0))
         metric_name = metric
-        evaluator = None
-    target = tolerance
-    history = []
-    for attempt in range(4):
-        budget = cmap.inverse(target / math.exp(cmap.sigma))
+    target = tolerance * TARGET_FRACTION
+    budget = cmap.inverse(target)
+    history: list[dict] = []
+    accepted: tuple | None = None  # (size, choice, measured)
+    last = None
+    for _ in range(MAX_ROUNDS if (calibrated and verify) else 1):
         choice = allocate(options, sens, budget)
-        plan_layers = _to_plan_layers(choice, sens, cmap)
-        pred = sum(lp.predicted_delta for lp in plan_layers.values())
-        plan = Plan(model={"source": source or analysis.model.get("source", ""),
-                           "fingerprint": fingerprint(model)},
-                    tolerance=float(tolerance), metric=metric_name, layers=plan_layers, calibrated=calibrated,
-                    predicted_delta=float(pred), predicted_delta_uncertainty=cmap.uncertainty(pred))
-        if not (calibrated and verify) or all(lp.is_noop for lp in plan_layers.values()):
-            break
-        measured = measure_plan(model, plan, analysis, evaluator)
-        history.append({"predicted": pred, "measured_on_calibration": measured})
         raw = sum(o.delta(sens[n]) for n, o in choice.items())
-        if measured <= tolerance / math.exp(cmap.sigma) * 1.1 or attempt == 3:
-            if measured > 0 and raw > 0:
-                # fold the verification into the map so the stated prediction matches what was seen
-                cmap.points.append({"setting": "plan", "predicted_raw": raw, "measured": measured})
-                refit = CalibrationMap.fit(cmap.points)
-                plan_layers = _to_plan_layers(choice, sens, refit)
-                plan.layers = plan_layers
-                plan.predicted_delta = float(sum(lp.predicted_delta for lp in plan_layers.values()))
-                plan.predicted_delta_uncertainty = refit.uncertainty(plan.predicted_delta)
-                cmap = refit
+        size = sum(o.size_bits for o in choice.values())
+        last = (size, choice, None, None)
+        if not (calibrated and verify) or all(o.method is None and o.bits is None for o in choice.values()):
             break
-        cmap.points.append({"setting": "plan", "predicted_raw": raw, "measured": measured})
-        cmap = CalibrationMap.fit(cmap.points)
-        target = tolerance * min(1.0, tolerance / max(measured, 1e-30)) ** 0.5 * 0.9
+        measured = measure_plan(model, _plan_of(choice), analysis, verifier)
+        stderr = verifier.last_stderr
+        history.append({"budget": budget, "predicted_raw": raw, "predicted": cmap(raw),
+                        "measured_on_calibration": measured, "stderr": stderr, "size_bits": size})
+        last = (size, choice, measured, stderr)
+        if measured <= target:
+            if accepted is None or size < accepted[0]:
+                accepted = (size, choice, measured, stderr)
+            if measured >= 0.75 * target:
+                break
+            budget *= min(2.0, (target / max(measured, 1e-12)) ** (1.0 / cmap.p))
+        else:
+            budget *= 0.9 * (target / measured) ** (1.0 / cmap.p)
+    size, choice, measured, stderr = accepted or last
+    plan_layers = _to_plan_layers(choice, sens, cmap)
+    pred = sum(lp.predicted_delta for lp in plan_layers.values())
+    uncertainty = cmap.uncertainty(pred)
+    if measured is not None:
+        # the verified plan: the measurement on calibration windows is the calibrated prediction,
+        # uncertain by its sampling error (2 standard errors) and at least 15%
+        scale = measured / pred if pred > 0 else 0.0
+        for lp in plan_layers.values():
+            lp.predicted_delta = float(lp.predicted_delta * scale) if pred > 0 else 0.0
+        pred = float(max(measured, 0.0))
+        se = stderr if stderr is not None and stderr == stderr else 0.0
+        uncertainty = float(max(2.0 * se, 0.15 * pred))
     from .compress.apply import plan_size
 
+    plan = Plan(model={"source": source or analysis.model.get("source", ""), "fingerprint": fingerprint(model)},
+                tolerance=float(tolerance), metric=metric_name, layers=plan_layers, calibrated=calibrated,
+                predicted_delta=float(pred), predicted_delta_uncertainty=uncertainty)
     plan.size = plan_size(model, plan)
-    plan.details = {**details, "calibration_map": cmap.to_dict(), "verification": history,
+    plan.details = {**details, "target": target, "model_prediction": cmap(sum(o.delta(sens[n])
+                                                                              for n, o in choice.items())),
+                    "calibration_map": cmap.to_dict(), "verification": history,
                     "sensitivities": {n: s.to_dict() for n, s in sens.items()},
                     "frontier": {lay.name: {"k_star": analysis.layer(lay.name).k_star,
                                             "r_star": analysis.layer(lay.name).r_star} for lay in layers},
                     "seconds": round(time.perf_counter() - t0, 3)}
     return plan
+
+
+def _plan_of(choice: dict[str, Option]) -> Plan:
+    return Plan(model={}, tolerance=0.0, metric="", layers={
+        n: LayerPlan(method=o.method, prune_rate=o.prune_rate, rank=o.rank, bits=o.bits, group_size=o.group_size)
+        for n, o in choice.items()})
+
+
+def _subset(batches, n: int):
+    from .data import Batches
+
+    sub = Batches(_take_windows(batches, n), 0, batches.seq_len, batches.seed, batches.sources)
+    sub.samples = sum(int(next(iter(b.values())).shape[0]) for b in sub.batches)
+    return sub
 
 
 def _take_windows(batches, n: int):
@@ -335,9 +363,6 @@ def _calibrate_map(model, layers, options, sens, analysis, evaluator, bits_choic
         if all(o.method is None and o.bits is None for o in choice.values()):
             continue
         raw = sum(o.delta(sens[n]) for n, o in choice.items())
-        plan = Plan(model={}, tolerance=0.0, metric=evaluator.metric,
-                    layers={n: LayerPlan(method=o.method, prune_rate=o.prune_rate, rank=o.rank, bits=o.bits,
-                                         group_size=o.group_size) for n, o in choice.items()})
-        measured = measure_plan(model, plan, analysis, evaluator)
+        measured = measure_plan(model, _plan_of(choice), analysis, evaluator)
         points.append({"setting": f"uniform {kind} {val}", "predicted_raw": raw, "measured": measured})
     return CalibrationMap.fit(points)

@@ -7,20 +7,20 @@ change ΔW of layer l costs
 
 How much of that reaches the metric depends on what follows the layer, so it is *measured*:
 
-1. **Per-layer sensitivity (noise injection).** On a small subset of the calibration windows,
-   each layer alone is perturbed by a realistic weight change — round-to-nearest int-4
-   per channel for quantization, and a rank truncation at half its factorization break-even
-   rank for pruning — and the metric delta δ_l is measured. The sensitivity is
-   s_l = δ_l / D_l (metric delta per unit output-energy distortion); quantization and
-   pruning get separate coefficients because their ΔW differ in structure (isotropic noise vs
-   removal of low-variance directions). Cost: one forward pass of the subset per layer and
-   kind, i.e. a small multiple of one calibration pass.
-2. **Additive prediction.** For a plan, P = Σ_l (s_l^quant D_l^quant + s_l^prune D_l^prune).
+1. **Per-layer response (antithetic noise injection).** On a few calibration windows each
+   layer alone is perturbed by a realistic weight change ΔW and by −ΔW, and the two metric
+   deltas are averaged: the first-order term (which has either sign and does not survive on
+   other data) cancels and the curvature term that compression really pays remains.
+   Quantization is probed at two sizes (RTN int-5 and int-2, per channel), giving the layer's
+   response law δ_l(D) = s_l·D^{p_l} (p_l clipped to [0.7, 2]); pruning is probed once (a rank
+   truncation at half the factorization break-even rank) and shares p_l. Cost: six forward
+   passes of the probe windows per layer — a small multiple of one calibration pass.
+2. **Additive prediction.** For a plan, P = Σ_l δ_l(D_l) summed over layers.
 3. **Global calibration map.** Layers interact (errors compound through later layers and
    normalisations), so P is mapped to the measured delta by δ ≈ c·P^p, fitted in log-log
-   space on a few whole-model perturbations (uniform int-8/6/4/3, and uniform ranks when
-   pruning is allowed) measured on the same subset. The spread of those points around the
-   fit gives the multiplicative uncertainty σ (reported as ``predicted_delta_uncertainty``).
+   space on whole-model perturbations (uniform int-8/6/4/3, and uniform ranks when pruning is
+   allowed) measured on the same windows. The spread of those points around the fit gives the
+   multiplicative uncertainty σ (reported as ``predicted_delta_uncertainty``).
 
 Noise model of the prediction: the actual RTN / truncation weight errors (not an
 idealised additive model), scored exactly per layer and mapped through measured sensitivities.
@@ -40,24 +40,30 @@ from .evaluation import Evaluator
 from .layers import TargetLayer
 from .progress import track
 
-PROBE_BITS = 4
+PROBE_BITS = (5, 2)
 MIN_SENSITIVITY = 1e-12
 
 
 @dataclass
 class LayerSensitivity:
+    """A layer's measured response δ(D) = s·D^p to weight changes of output-energy distortion D."""
+
     name: str
-    quant: float          # metric delta per unit distortion, quantization-type ΔW
-    prune: float | None   # same for low-rank truncation (None when pruning is not considered)
-    probe_delta_quant: float = 0.0
-    probe_distortion_quant: float = 0.0
-    probe_delta_prune: float | None = None
-    probe_distortion_prune: float | None = None
+    quant: float          # s for quantization-type ΔW
+    prune: float | None   # s for low-rank truncation (None when pruning is not considered)
+    power: float = 1.0    # p, shared by both kinds
+    probes: list[dict] = field(default_factory=list)
+
+    def delta(self, d_quant: float, d_prune: float = 0.0) -> float:
+        out = 0.0
+        if d_quant > 0:
+            out += self.quant * d_quant ** self.power
+        if d_prune > 0:
+            out += (self.prune if self.prune is not None else self.quant) * d_prune ** self.power
+        return out
 
     def to_dict(self) -> dict:
-        return {"quant": self.quant, "prune": self.prune, "probe_delta_quant": self.probe_delta_quant,
-                "probe_distortion_quant": self.probe_distortion_quant,
-                "probe_delta_prune": self.probe_delta_prune, "probe_distortion_prune": self.probe_distortion_prune}
+        return {"quant": self.quant, "prune": self.prune, "power": self.power, "probes": self.probes}
 
 
 @dataclass
@@ -179,32 +185,51 @@ def low_rank_delta(geom: LayerGeometry, method: str, k: int) -> torch.Tensor:
     return (torch.as_tensor(a) @ torch.as_tensor(b)).to(torch.float32) - geom.w
 
 
+def antithetic_delta(layer: TargetLayer, w: torch.Tensor, dw: torch.Tensor, evaluator: Evaluator,
+                     model: nn.Module) -> float:
+    """Mean of the metric deltas for W + ΔW and W − ΔW (the first-order term cancels)."""
+    with patched_weight(layer, w + dw):
+        plus = evaluator.delta(model, "probe")
+    with patched_weight(layer, w - dw):
+        minus = evaluator.delta(model, "probe")
+    return 0.5 * (plus + minus)
+
+
 def measure_sensitivities(layers: list[TargetLayer], geoms: dict[str, LayerGeometry], evaluator: Evaluator,
                           model: nn.Module, prune_method: str | None) -> dict[str, LayerSensitivity]:
-    """Noise injection, one layer at a time (see module docstring)."""
+    """Antithetic noise injection, one layer at a time (see module docstring)."""
     from .compress.quantize import quantization_error
 
     out: dict[str, LayerSensitivity] = {}
     for layer in track(layers, "sensitivity"):
         g = geoms[layer.name]
-        dq = quantization_error(g.w, PROBE_BITS, None).to(torch.float32)
-        dist_q = g.distortion(dq)
-        with patched_weight(layer, g.w + dq):
-            delta_q = evaluator.delta(model, "probe")
-        sens = LayerSensitivity(layer.name, _ratio(delta_q, dist_q), None, delta_q, dist_q)
+        probes = []
+        for bits in PROBE_BITS:
+            dq = quantization_error(g.w, bits, None).to(torch.float32)
+            probes.append({"kind": "quant", "bits": bits, "distortion": g.distortion(dq),
+                           "delta": antithetic_delta(layer, g.w, dq, evaluator, model)})
+        power, s_q = _response_law(probes)
+        sens = LayerSensitivity(layer.name, s_q, None, power, probes)
         if prune_method is not None:
             k = max(1, break_even_rank(g.d_in, g.d_out) // 2)
             dp = low_rank_delta(g, prune_method, k)
-            dist_p = g.distortion(dp)
-            with patched_weight(layer, g.w + dp):
-                delta_p = evaluator.delta(model, "probe")
-            sens.prune = _ratio(delta_p, dist_p)
-            sens.probe_delta_prune, sens.probe_distortion_prune = delta_p, dist_p
+            dist = g.distortion(dp)
+            delta = antithetic_delta(layer, g.w, dp, evaluator, model)
+            probes.append({"kind": "prune", "rank": k, "distortion": dist, "delta": delta})
+            sens.prune = max(delta, 0.0) / dist ** power + MIN_SENSITIVITY if dist > 0 else MIN_SENSITIVITY
         out[layer.name] = sens
     return out
 
 
-def _ratio(delta: float, distortion: float) -> float:
-    if distortion <= 0:
-        return MIN_SENSITIVITY
-    return max(delta, 0.0) / distortion + MIN_SENSITIVITY
+def _response_law(probes: list[dict]) -> tuple[float, float]:
+    """(p, s) of δ = s·D^p through two probes; p = 1 when either is not measurably positive."""
+    (d1, y1), (d2, y2) = [(pr["distortion"], pr["delta"]) for pr in probes[:2]]
+    if d1 > 0 and d2 > 0 and y1 > 0 and y2 > 0 and abs(math.log(d2 / d1)) > 1e-6:
+        p = float(np.clip(math.log(y2 / y1) / math.log(d2 / d1), 0.7, 2.0))
+    else:
+        p = 1.0
+    # anchor on the larger (better measured) probe
+    d, y = (d2, y2) if d2 >= d1 else (d1, y1)
+    if d <= 0:
+        return p, MIN_SENSITIVITY
+    return p, max(y, 0.0) / d ** p + MIN_SENSITIVITY

@@ -136,7 +136,7 @@ def synthetic_layer(
             gram += x.T @ x
             done += m_rows
     gram = 0.5 * (gram + gram.T)
-    true_k = int(round(synthetic_frontier(d, b, t, eta)))
+    true_k = round(synthetic_frontier(d, b, t, eta))
     return gram, n, weight, true_k, lam
 
 
@@ -145,4 +145,3 @@ def time_for_frontier(k_star: float, b: float, eta: float = 1.0) -> float:
     if k_star <= 0 or b <= 0 or eta <= 0:
         raise ValueError("k_star, b and eta must be positive")
     return float(k_star**b / eta)
-

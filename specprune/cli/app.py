@@ -55,5 +55,18 @@ _mount_optional()
 def main() -> None:
     from ..distributed import init_from_env
 
+    _quiet_third_party()
     init_from_env()  # under torchrun: one process group, rank 0 writes
     app()
+
+
+def _quiet_third_party() -> None:
+    """Keep stderr for specprune's own messages: optional kernels that torchao cannot load and
+    torch's deprecation chatter are not the user's problem."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")

@@ -14,9 +14,25 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["apply_", "plan_size", "layer_size", "save_compressed", "load_saved", "load", "quantize_weight",
-           "quantization_error", "QuantizedWeight", "rank_for_rate", "prune_rate_for_rank", "spectral_factors",
-           "whitened_factors", "whitened_singular_values", "FactorizedLinear", "FactorizedConv", "Factorized"]
+__all__ = [
+    "Factorized",
+    "FactorizedConv",
+    "FactorizedLinear",
+    "QuantizedWeight",
+    "apply_",
+    "layer_size",
+    "load",
+    "load_saved",
+    "plan_size",
+    "prune_rate_for_rank",
+    "quantization_error",
+    "quantize_weight",
+    "rank_for_rate",
+    "save_compressed",
+    "spectral_factors",
+    "whitened_factors",
+    "whitened_singular_values",
+]
 
 _WHERE = {
     "apply_": "apply", "plan_size": "apply", "layer_size": "apply",

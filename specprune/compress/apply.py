@@ -218,7 +218,7 @@ class _Snapshot:
     param_order: dict[int, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def take(cls, model: nn.Module, name: str, module: nn.Module) -> "_Snapshot":
+    def take(cls, model: nn.Module, name: str, module: nn.Module) -> _Snapshot:
         parent, attr = _parent_of(model, name)
         state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict(keep_vars=True).items()}
         dev = next((p.device for p in module.parameters()), None)
@@ -457,7 +457,9 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
             if lp.bits is not None:
                 quant.apply(TargetLayer(name, module, adapter_for(module)), lp, covs.get(name))
             if moved:
-                module.to(home)
+                t.module.to(home)  # the original too: it may still be referenced (tied weights)
+                if module is not t.module:
+                    module.to(home)
         identity_layers = [t.name for t in cov_targets if t.name not in covs]
         plan.details["applied"] = {"covariance": source, "identity_layers": identity_layers}
     except BaseException:

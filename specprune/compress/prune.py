@@ -221,7 +221,7 @@ class Factorized(nn.Module):
                 "bias": self.second.bias is not None, "original": self.original}
 
     @staticmethod
-    def from_spec(spec: dict, dtype: torch.dtype = torch.float32) -> "Factorized":
+    def from_spec(spec: dict, dtype: torch.dtype = torch.float32) -> Factorized:
         orig = spec["original"]
         rank, d_in, d_out, bias = int(spec["rank"]), int(spec["d_in"]), int(spec["d_out"]), bool(spec["bias"])
         if orig["type"] in ("Linear", "Conv1D"):
@@ -363,7 +363,7 @@ class _LowRankPruner:
             return None  # full rank: nothing to truncate
         if covariance is not None:
             evec = covariance.eigenvectors
-            if tuple(np.shape(evec))[0] != d_in:
+            if int(np.shape(evec)[0]) != d_in:
                 raise InputError(f"layer {layer.name}: covariance of dimension {np.shape(evec)[0]} does not "
                                  f"match d_in = {d_in}")
         w = layer.weight_matrix()
@@ -399,10 +399,10 @@ class MagnitudePruner:
     def apply(self, layer, layer_plan, covariance=None) -> None:
         rate = float(layer_plan.prune_rate or 0.0)
         if rate <= 0.0:
-            return None
+            return
         weight = layer.module.weight
         method = torch_prune.L1Unstructured(amount=rate)
         with torch.no_grad():
             mask = method.compute_mask(weight.detach(), default_mask=torch.ones_like(weight, dtype=torch.bool))
             weight.mul_(mask.to(weight.dtype))
-        return None
+        return

@@ -78,7 +78,11 @@ def stored_scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
         return s
     low = s16.to(torch.float32) < s
     if low.any():
-        s16 = torch.where(low, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+        try:
+            up = torch.nextafter(s16, torch.full_like(s16, float("inf")))
+        except RuntimeError:  # no half-precision nextafter on this device: the scales are small
+            up = torch.nextafter(s16.cpu(), torch.full((), float("inf"), dtype=s16.dtype)).to(s16.device)
+        s16 = torch.where(low, up, s16)
     return s16
 
 
@@ -207,7 +211,7 @@ class RTNQuantizer:
 
     def apply(self, layer, layer_plan, covariance=None) -> None:
         if layer_plan.bits is None:
-            return None
+            return
         for sub in quantizable_modules(layer.module):
             fake_quantize_(sub, int(layer_plan.bits), layer_plan.group_size)
-        return None
+        return

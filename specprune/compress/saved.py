@@ -10,9 +10,10 @@ Layout of a directory written by :func:`save_compressed`:
   (tied embeddings) are stored once; the other names are listed as aliases.
 * ``plan.json`` — the plan that was applied.
 * ``specprune.json`` — format version, specprune version, the source (path, kind, architecture
-  class / ``--arch`` callable, dtype), and how to rebuild: the factorized layers (rank, shapes,
+  class / ``--arch`` callable, dtype), a per-layer summary (``layers``: module type, factorized
+  rank, bits, group size, dtype) and how to rebuild: the factorized layers (rank, shapes,
   original module type) and the quantized tensors (bits, group size, matrix shape, layout,
-  parameter shape, dtype).
+  parameter shape, dtype), plus ``aliases`` of tied tensors.
 * for Hugging Face sources: the original ``config.json`` and tokenizer files
   (tokenizer*, vocab*, merges.txt, special_tokens_map.json, …).
 * with ``export_dense=True``: ``dense/``, a plain checkpoint with the dequantized weights and the
@@ -33,15 +34,16 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError, RefusedError
 from ..io import dumps
-from ..layers import HFConv1DAdapter, adapter_for
+from ..layers import ConvAdapter, HFConv1DAdapter, LinearAdapter, adapter_for
 from .pack import pack_codes, unpack_codes
 from .prune import Factorized
 from .quantize import QUANT_ATTR, QuantizedWeight, QuantRecord, codes_with_scales, quantize_weight
@@ -129,6 +131,13 @@ def _quantized_tensors(model: nn.Module) -> dict[str, tuple[QuantizedWeight, dic
         if adapter is None:
             continue
         w = adapter.weight_matrix(mod)
+        if isinstance(adapter, HFConv1DAdapter):
+            layout = "conv1d-hf"
+        elif isinstance(adapter, (LinearAdapter, ConvAdapter)) or torch.equal(
+                w, mod.weight.detach().reshape(w.shape)):
+            layout = "matrix"
+        else:  # a plugin layer type with its own weight layout: stored unpacked, as it is
+            continue
         qw = codes_with_scales(w, rec.bits, rec.group_size, rec.scales)
         requantized = False
         cd = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -136,7 +145,6 @@ def _quantized_tensors(model: nn.Module) -> dict[str, tuple[QuantizedWeight, dic
             # the weights changed after fake quantization (e.g. fine-tuned): quantize them afresh
             qw = quantize_weight(w, rec.bits, rec.group_size)
             requantized = True
-        layout = "conv1d-hf" if isinstance(adapter, HFConv1DAdapter) else "matrix"
         meta = {"bits": rec.bits, "group_size": rec.group_size, "matrix": list(w.shape),
                 "layout": layout, "shape": list(mod.weight.shape), "dtype": _dtype_name(mod.weight.dtype),
                 "scale_dtype": _dtype_name(qw.scales.dtype), "requantized": requantized}
@@ -163,7 +171,7 @@ def _write_hf_files(model: nn.Module, info: dict, out: Path) -> list[str]:
         model.config.save_pretrained(str(out))
         copied.append("config.json")
     tok = info.get("tokenizer")
-    if tok is not None and not any(n.startswith("tokenizer") or n.startswith("vocab") for n in copied):
+    if tok is not None and not any(n.startswith(("tokenizer", "vocab")) for n in copied):
         tok.save_pretrained(str(out))
         copied.append("tokenizer (saved)")
     return copied
@@ -183,7 +191,7 @@ def _state_for_file(model: nn.Module, quantized: dict) -> tuple[dict[str, torch.
             continue
         first_of[ident] = key
         if key in quantized:
-            qw, meta = quantized[key]
+            qw, _ = quantized[key]
             tensors[key + CODES_SUFFIX] = pack_codes(qw.codes, qw.bits)
             tensors[key + SCALES_SUFFIX] = qw.scales.detach().to("cpu").contiguous()
             continue
@@ -228,11 +236,22 @@ def save_compressed(model: nn.Module, plan: Any, out_dir: str | Path, *, source:
     copied = _write_hf_files(model, info, out) if hf else []
     architecture = type(model).__name__
     applied = (plan_doc.get("details") or {}).get("applied") or {}
+    modules = dict(model.named_modules())
+    layer_summary = {}
+    for name, lp in (plan_doc.get("layers") or {}).items():
+        mod = modules.get(name)
+        if mod is None or not isinstance(lp, dict):
+            continue
+        weight = mod.second.weight if isinstance(mod, Factorized) else getattr(mod, "weight", None)
+        layer_summary[name] = {"type": type(mod).__name__, "factorized_rank": mod.rank if isinstance(mod, Factorized)
+                               else None, "bits": lp.get("bits"), "group_size": lp.get("group_size"),
+                               "dtype": _dtype_name(weight.dtype) if weight is not None else None}
     spec = {
         "format": SAVED_FORMAT,
         "specprune_version": __version__,
         "source": {"path": str(info["path"]), "kind": info["kind"], "hf": hf, "architecture": architecture,
                    "arch": info.get("arch"), "dtype": _dtype_name(model_dtype(model))},
+        "layers": layer_summary,
         "factorized": factorized,
         "quantized": {k: meta for k, (_, meta) in quantized.items()},
         "aliases": aliases,
@@ -350,7 +369,7 @@ def _build_arch(arch: str | Callable[[], nn.Module]) -> nn.Module:
         raise InputError(f"arch must be 'module:callable' or a callable, got {type(arch).__name__}")
     try:
         model = builder()
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - the user's builder may raise anything: report it in one line
         raise InputError(f"arch {arch!r} failed to build the model: {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"arch {arch!r} returned {type(model).__name__}, not an nn.Module")
@@ -381,7 +400,7 @@ def _unpacked_state(spec: dict, raw: dict[str, torch.Tensor], where: Path) -> di
         w = w.T if layout == "conv1d-hf" else w.reshape(shape)
         sd[key] = w.to(dtype).contiguous()
     for key, t in raw.items():
-        if key.endswith(CODES_SUFFIX) or key.endswith(SCALES_SUFFIX):
+        if key.endswith((CODES_SUFFIX, SCALES_SUFFIX)):
             if key.rsplit("::", 1)[0] not in quant:
                 raise InputError(f"{where}: tensor {key} has no entry in {SPEC_FILE} (corrupted?)")
             continue

