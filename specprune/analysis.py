@@ -3,15 +3,38 @@
 ``Analysis.save(dir)`` writes ``analysis.json`` (the contract's fields plus diagnostics) and
 ``spectra.safetensors`` (per input group: eigenvalues in float64 and eigenvectors in float32;
 per layer: mode energies), so later stages (recommend, report) never recompute.
+
+Scale (docs/scaling.md): the memory an analysis needs is estimated and checked before any accumulator
+exists (:mod:`specprune.memory`; recorded under ``"memory"``); accumulators stay on each layer's device
+or, with ``offload``, in CPU memory; groups are solved one at a time on their device (CPU fallback).
+
+Truncated spectra. With ``solver="auto"`` (the ``analyze`` command's default) input groups of width
+d ≥ ``randomized_threshold`` (8192), with ``solver="randomized"`` every group, are solved for their top
+k modes only (:mod:`specprune.randomized`). Such a
+group stores k eigenvalues, d × k eigenvectors and the lumped tail mass ``tail_trace = tr Σ − Σ_{j≤k} θ_j``;
+its layers store e_1..e_k and the lumped tail energy ``E_tail = tr(W Σ Wᵀ) − Σ_{j≤k} e_j`` (exact total,
+computed from the Gram before it is freed), under ``"truncation"`` in analysis.json. How the rest of
+the analysis reads a truncated spectrum:
+
+* fits: b and a are fitted over the default range of the k solved modes (k_lo..0.9k), not of d;
+* frontier: estimated from the k solved gains, so k* is detectable only up to 0.9k (raise ``top_k``
+  when a layer reports no frontier); ``k_max`` stays d_in and ``r_star = 1 − k*/d_in``;
+* effective rank: of the spectrum completed by a flat tail (each unsolved mode tail_trace/(d−k)), an
+  upper bound on the true one;
+* energies: ``LayerAnalysis.energy`` = Σ e_j + E_tail, ``tail_energy[j]`` = Σ_{j'>j} e_j' + E_tail for
+  j = 0..k (keeping ≤ k modes always discards the whole lumped tail);
+* ``InputGroup.covariance()`` = U_k Θ_k U_kᵀ + σ²(I − U_k U_kᵀ), σ² = tail_trace/(d − k).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,24 +70,36 @@ class LayerAnalysis:
     flags: list[str] = field(default_factory=list)
     eigenvalues: np.ndarray | None = field(default=None, repr=False)
     mode_energy: np.ndarray | None = field(default=None, repr=False)
+    truncation: dict | None = None  # top-k solve: {"modes_solved", "tail_modes", "tail_energy", ...}
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "type": self.type, "d_in": self.d_in, "d_out": self.d_out,
-                "tokens": self.tokens, "b": self.b, "a": self.a, "k_star": self.k_star, "k_max": self.k_max,
-                "r_star": self.r_star, "effective_rank": self.effective_rank, "fit": self.fit,
-                "input_group": self.input_group, "skipped_tokens": self.skipped_tokens, "flags": self.flags}
+        d = {"name": self.name, "type": self.type, "d_in": self.d_in, "d_out": self.d_out,
+             "tokens": self.tokens, "b": self.b, "a": self.a, "k_star": self.k_star, "k_max": self.k_max,
+             "r_star": self.r_star, "effective_rank": self.effective_rank, "fit": self.fit,
+             "input_group": self.input_group, "skipped_tokens": self.skipped_tokens, "flags": self.flags}
+        if self.truncation is not None:
+            d["truncation"] = self.truncation
+        return d
+
+    @property
+    def lumped_tail_energy(self) -> float:
+        """Output energy of the unsolved modes of a truncated spectrum (0 when fully solved)."""
+        return float(self.truncation.get("tail_energy") or 0.0) if self.truncation else 0.0
 
     @property
     def energy(self) -> float:
-        """E‖Wx‖² per token (Σ_k e_k)."""
-        return float(np.sum(self.mode_energy)) if self.mode_energy is not None else float("nan")
+        """E‖Wx‖² per token (Σ_k e_k, plus the lumped tail of a truncated spectrum)."""
+        if self.mode_energy is None:
+            return float("nan")
+        return float(np.sum(self.mode_energy)) + self.lumped_tail_energy
 
     @property
     def tail_energy(self) -> np.ndarray:
-        """tail_energy[k] = Σ_{k' > k} e_k' (k = 0..d_in): exact cost of keeping the top-k modes."""
+        """tail_energy[k] = Σ_{k' > k} e_k' (k = 0..d_in): exact cost of keeping the top-k modes; for a
+        truncated spectrum k = 0..modes_solved and every entry includes the lumped tail."""
         e = np.asarray(self.mode_energy, dtype=np.float64)
         c = np.concatenate([[0.0], np.cumsum(e)])
-        return c[-1] - c
+        return c[-1] - c + self.lumped_tail_energy
 
 
 @dataclass
@@ -74,12 +109,29 @@ class InputGroup:
     key: str
     tokens: int
     eigenvalues: np.ndarray
-    eigenvectors: np.ndarray  # columns, descending eigenvalue order
+    eigenvectors: np.ndarray  # columns, descending eigenvalue order (d × k; k = d unless truncated)
     layers: list[str]
+    dim: int = 0  # d (0: len(eigenvalues), a full solve)
+    tail_trace: float = 0.0  # Σ of the unsolved eigenvalues (truncated solves)
+    solver: dict = field(default_factory=dict)  # how the group was solved (method, residuals, …)
+
+    def __post_init__(self) -> None:
+        if not self.dim:
+            self.dim = int(np.shape(self.eigenvectors)[0]) if self.eigenvectors is not None \
+                else len(self.eigenvalues)
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.eigenvalues) < self.dim
 
     def covariance(self) -> np.ndarray:
+        """Σ = U Λ Uᵀ; for a truncated group U_k Θ_k U_kᵀ + σ²(I − U_k U_kᵀ), σ² = tail_trace/(d − k)."""
         u = self.eigenvectors.astype(np.float64)
-        return (u * self.eigenvalues) @ u.T
+        cov = (u * self.eigenvalues) @ u.T
+        if self.truncated:
+            s2 = self.tail_trace / (self.dim - len(self.eigenvalues))
+            cov += s2 * (np.eye(self.dim) - u @ u.T)
+        return cov
 
 
 @dataclass
@@ -92,6 +144,7 @@ class Analysis:
     groups: dict[str, InputGroup]
     specprune_version: str = __version__
     seconds: float = 0.0
+    memory: dict = field(default_factory=dict)  # the memory estimate the run was planned with
 
     def layer(self, name: str) -> LayerAnalysis:
         for lay in self.layers:
@@ -103,9 +156,27 @@ class Analysis:
         return self.groups[self.layer(name).input_group]
 
     def to_dict(self) -> dict:
-        return {"specprune_version": self.specprune_version, "model": self.model,
-                "calibration": self.calibration, "layers": [lay.to_dict() for lay in self.layers],
-                "seconds": round(self.seconds, 3)}
+        d = {"specprune_version": self.specprune_version, "model": self.model,
+             "calibration": self.calibration, "layers": [lay.to_dict() for lay in self.layers],
+             "seconds": round(self.seconds, 3)}
+        if self.memory:
+            d["memory"] = self.memory
+        return d
+
+    @property
+    def truncated(self) -> bool:
+        """True when some group was solved for its top modes only (see the module docstring)."""
+        return any(g.truncated for g in self.groups.values())
+
+    def require_full_spectra(self, purpose: str) -> None:
+        """Raise :class:`InputError` when a group was truncated: ``purpose`` (e.g. "recommend") needs
+        every mode's eigenvector."""
+        cut = [g for g in self.groups.values() if g.truncated]
+        if cut:
+            g = cut[0]
+            raise InputError(f"{purpose} needs full spectra but {len(cut)} input group(s) were solved for their "
+                             f"top modes only (e.g. {g.key}: {len(g.eigenvalues)} of {g.dim}); re-run analyze "
+                             "with --solver full")
 
     def save(self, directory: str | Path) -> Path:
         """Write analysis.json and spectra.safetensors into ``directory`` (created if needed)."""
@@ -119,7 +190,7 @@ class Analysis:
             arrays[f"group.{key}.eigenvectors"] = np.ascontiguousarray(g.eigenvectors, dtype=np.float32)
         for lay in self.layers:
             arrays[f"layer.{lay.name}.mode_energy"] = np.ascontiguousarray(lay.mode_energy, dtype=np.float64)
-        meta = {"groups": json.dumps({k: {"tokens": g.tokens, "layers": g.layers} for k, g in self.groups.items()})}
+        meta = {"groups": json.dumps({k: _group_meta(g) for k, g in self.groups.items()})}
         tmp = d / f".{SPECTRA_FILE}.tmp"
         save_file(arrays, str(tmp), metadata=meta)
         tmp.replace(d / SPECTRA_FILE)
@@ -154,7 +225,9 @@ class Analysis:
         groups = {}
         for key, meta in groups_meta.items():
             groups[key] = InputGroup(key, int(meta["tokens"]), arrays[f"group.{key}.eigenvalues"],
-                                     arrays[f"group.{key}.eigenvectors"], list(meta["layers"]))
+                                     arrays[f"group.{key}.eigenvectors"], list(meta["layers"]),
+                                     dim=int(meta.get("dim", 0)), tail_trace=float(meta.get("tail_trace", 0.0)),
+                                     solver=dict(meta.get("solver", {})))
         layers = []
         fields = set(LayerAnalysis.__dataclass_fields__) - {"eigenvalues", "mode_energy"}
         for ld in layers_doc:
@@ -165,33 +238,130 @@ class Analysis:
             lay.eigenvalues = g.eigenvalues if g is not None else None
             layers.append(lay)
         return cls(doc.get("model", {}), doc.get("calibration", {}), layers, groups,
-                   doc.get("specprune_version", __version__), float(doc.get("seconds", 0.0)))
+                   doc.get("specprune_version", __version__), float(doc.get("seconds", 0.0)),
+                   memory=dict(doc.get("memory", {})))
 
     @property
     def has_spectra(self) -> bool:
         return bool(self.groups) and all(lay.mode_energy is not None for lay in self.layers)
 
 
-def _eigh(gram: torch.Tensor, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of Σ = G/N in float64, descending; on the accumulator's device when it is a GPU
-    (CPU fallback if the device solver fails)."""
-    cov = gram / max(tokens, 1)
-    cov = 0.5 * (cov + cov.T)
+def _group_meta(g: InputGroup) -> dict:
+    meta = {"tokens": g.tokens, "layers": g.layers}
+    if g.truncated or g.solver:
+        meta.update(dim=g.dim, tail_trace=g.tail_trace, solver=g.solver)
+    return meta
+
+
+def _symmetrize_scale_(a: torch.Tensor, scale: float, block: int = 1024) -> torch.Tensor:
+    """a ← scale · (a + aᵀ)/2 in place, one block pair at a time (no second d × d buffer)."""
+    n = a.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            blk = (a[i:i + block, j:j + block] + a[j:j + block, i:i + block].mT).mul_(0.5 * scale)
+            a[i:i + block, j:j + block] = blk
+            a[j:j + block, i:i + block] = blk.mT
+    return a
+
+
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _covariance_(gram: torch.Tensor, tokens: int, device: torch.device | None) -> torch.Tensor:
+    """Σ = (G + Gᵀ)/(2N), on ``device``: in place on ``gram`` when it is already there (the caller
+    drops the accumulator), else on a staged copy (an offloaded accumulator brought to its GPU; if that
+    copy does not fit, in place on the CPU). Computed exactly once per accumulator."""
+    with torch.inference_mode():  # the accumulator is an inference tensor: in-place work stays in the mode
+        cov = gram
+        if device is not None and gram.device != device:
+            try:
+                cov = gram.to(device)
+            except RuntimeError:  # out of memory on the device: solve where the accumulator is
+                _free_cuda_cache()
+        return _symmetrize_scale_(cov, 1.0 / max(tokens, 1))
+
+
+def _with_cpu_fallback(fn, cov: torch.Tensor):
+    """``fn(cov)`` on Σ's device; if a GPU solver fails (no kernel, out of memory), ``fn(Σ on the CPU)``."""
     try:
-        evals, evecs = torch.linalg.eigh(cov)
+        return fn(cov)
     except RuntimeError:
-        evals, evecs = torch.linalg.eigh(cov.cpu())
-    evals = evals.flip(0).clamp_min(0.0)
-    evecs = evecs.flip(1)
-    return evals.cpu().numpy(), evecs.cpu().numpy()
+        if cov.device.type == "cpu":
+            raise
+        _free_cuda_cache()
+        return fn(cov.cpu())
 
 
-def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0) -> LayerAnalysis:
-    """Spectrum, fits and frontier of one layer from its input group's eigenpairs."""
+def _eigh(gram: torch.Tensor, tokens: int, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of Σ = G/N in float64, descending; on ``device`` (default: the accumulator's) when it
+    is a GPU, CPU fallback if the device solver fails. ``gram`` is overwritten (symmetrised and scaled
+    in place) when it already lives on the solve device."""
+
+    def solve(cov: torch.Tensor):
+        evals, evecs = torch.linalg.eigh(cov)
+        return evals.flip(0).clamp_min(0.0).cpu().numpy(), evecs.flip(1).cpu().numpy()
+
+    with torch.inference_mode():
+        return _with_cpu_fallback(solve, _covariance_(gram, tokens, device))
+
+
+def _output_energy(w: torch.Tensor, cov: torch.Tensor, rows: int | None = None) -> float:
+    """tr(W Σ Wᵀ) = E‖W x‖², in float64 on Σ's device, a block of W's rows at a time."""
+    rows = rows or max(1, (256 << 20) // (8 * max(cov.shape[0], 1)))
+    total = 0.0
+    for i in range(0, w.shape[0], rows):
+        wc = w[i:i + rows].to(cov.device, torch.float64)
+        total += float(((wc @ cov) * wc).sum())
+    return total
+
+
+def _topk(gram: torch.Tensor, tokens: int, k: int, device: torch.device | None, members: list[TargetLayer],
+          seed: int) -> tuple[Any, dict[str, float]]:
+    """Randomized top-k solve of Σ = G/N on ``device`` (CPU fallback), plus every member layer's exact
+    output energy tr(W Σ Wᵀ) from the same Σ before it is freed."""
+    from .randomized import randomized_eigh
+
+    def solve(cov: torch.Tensor):
+        res = randomized_eigh(cov, k, seed=seed)
+        energies = {}
+        for lay in members:
+            with _materialized(lay):
+                energies[lay.name] = _output_energy(lay.weight_matrix().detach(), cov)
+        return res, energies
+
+    with torch.inference_mode():
+        return _with_cpu_fallback(solve, _covariance_(gram, tokens, device))
+
+
+@contextlib.contextmanager
+def _materialized(layer: TargetLayer):
+    """A layer whose weights accelerate keeps offloaded (``meta`` in place) gets them back for the block."""
+    w = getattr(layer.module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.device.type == "meta":
+        try:
+            from accelerate.utils import align_module_device
+        except ImportError:
+            raise InputError(f"layer {layer.name} has its weights offloaded but accelerate is not "
+                             "installed") from None
+        with align_module_device(layer.module, torch.device("cpu")):
+            yield
+    else:
+        yield
+
+
+def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
+                    total_energy: float | None = None) -> LayerAnalysis:
+    """Spectrum, fits and frontier of one layer from its input group's eigenpairs (a truncated group:
+    see the module docstring; ``total_energy`` = tr(W Σ Wᵀ), else the lumped covariance model's)."""
+    from .randomized import flat_tail_effective_rank
     from .spectra import LayerSpectrum
 
-    w = layer.weight_matrix().detach().to("cpu", torch.float64)
-    wu = w @ torch.as_tensor(group.eigenvectors, dtype=torch.float64)
+    with _materialized(layer):
+        w = layer.weight_matrix().detach().to("cpu", torch.float64)
+    u = torch.as_tensor(group.eigenvectors, dtype=torch.float64)
+    wu = w @ u
     gain = wu.pow(2).sum(0).numpy()  # ‖W u_k‖²
     spec = LayerSpectrum.from_eigen(group.eigenvalues, group.eigenvalues * gain, tokens=group.tokens,
                                     d_out=layer.d_out, mode_gain=gain)
@@ -199,28 +369,169 @@ def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0) -> 
     flags = []
     if skipped:
         flags.append(f"nonfinite: {skipped} tokens with NaN/Inf features were left out")
+    truncation = None
+    k_max, r_star, eff_rank = s["k_max"], s["r_star"], s.get("effective_rank")
+    if group.truncated:
+        k, d = len(group.eigenvalues), group.dim
+        solved = float(np.sum(group.eigenvalues * gain))
+        if total_energy is None:  # lumped model: σ² (‖W‖² − ‖W U_k‖²)
+            s2 = group.tail_trace / (d - k)
+            total_energy = solved + s2 * max(float(w.pow(2).sum()) - float(gain.sum()), 0.0)
+        tail_e = max(float(total_energy) - solved, 0.0)
+        k_max = d
+        r_star = None if s["k_star"] is None else 1.0 - s["k_star"] / d
+        eff_rank = flat_tail_effective_rank(group.eigenvalues, group.tail_trace, d - k)
+        truncation = {"modes_solved": k, "tail_modes": d - k, "tail_eigenvalue_sum": group.tail_trace,
+                      "tail_energy": tail_e, "total_energy": float(total_energy), "solver": group.solver}
+        share = tail_e / total_energy if total_energy > 0 else 0.0
+        res = group.solver.get("max_relative_residual")
+        flags.append(f"truncated: top {k} of {d} input modes solved ({group.solver.get('method', 'randomized')}"
+                     + (f", max relative residual {res:.1e}" if res is not None else "")
+                     + f"); the other {d - k} modes are one lumped tail holding {share:.2%} of the output energy")
     return LayerAnalysis(
         name=layer.name, type=layer.type, d_in=layer.d_in, d_out=layer.d_out, tokens=group.tokens,
-        b=s["b"], a=s["a"], k_star=s["k_star"], k_max=s["k_max"], r_star=s["r_star"], fit=s["fit"],
-        effective_rank=s.get("effective_rank"), input_group=group.key, skipped_tokens=skipped,
-        flags=flags, eigenvalues=group.eigenvalues, mode_energy=np.asarray(spec.mode_energy))
+        b=s["b"], a=s["a"], k_star=s["k_star"], k_max=k_max, r_star=r_star, fit=s["fit"],
+        effective_rank=eff_rank, input_group=group.key, skipped_tokens=skipped,
+        flags=flags, eigenvalues=group.eigenvalues, mode_energy=np.asarray(spec.mode_energy),
+        truncation=truncation)
+
+
+def _dispatched(model: nn.Module) -> bool:
+    """True for a model placed by accelerate / ``from_pretrained(device_map=...)``: it must not be moved."""
+    return bool(getattr(model, "hf_device_map", None)) or hasattr(model, "_hf_hook")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where a dispatched model takes its inputs: the device of its first mapped module (the
+    embeddings), or the first GPU of the map when that module is offloaded to disk."""
+    dmap = getattr(model, "hf_device_map", None) or {}
+    devices = []
+    for v in dmap.values():
+        if isinstance(v, int):
+            devices.append(torch.device("cuda", v))
+        elif isinstance(v, (str, torch.device)) and str(v) not in ("disk", "meta"):
+            devices.append(torch.device(v))
+    if devices:
+        first = devices[0]
+        gpus = [d for d in devices if d.type == "cuda"]
+        return first if first.type != "cpu" or not gpus else gpus[0]
+    from .models import model_device
+
+    dev = model_device(model)
+    return dev if dev.type != "meta" else torch.device("cpu")
+
+
+def _param_bytes(model: nn.Module, device: torch.device) -> int:
+    """Bytes of parameters and buffers not yet on ``device`` (what ``model.to(device)`` brings there)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.device == device:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _plan_memory(model, layers, batches, device: torch.device, dispatched: bool, moving: bool,
+                 offload: bool | None, check: bool, solver_kw: dict, log) -> tuple[bool, dict]:
+    """Estimate the memory the analysis needs before anything is allocated (per device of a
+    dispatched model), decide on offloading and check it fits (module :mod:`specprune.memory`).
+    The input groups (which layers share an accumulator) come from one forward of a single ≤ 8-token
+    sample, so the accumulator count is exact; if that trial forward fails, every layer counts alone
+    (an upper bound)."""
+    from .data import count_tokens
+    from .memory import by_device, estimate_analysis_memory, fmt_bytes, free_memory, plan_memory
+    from .models import model_device
+    from .probe import discover_input_groups
+
+    batch_tokens = max((count_tokens(b) for b in batches.batches), default=0)
+    per = by_device(layers) if dispatched else {device: layers}
+    weights = _param_bytes(model, device) if moving else 0
+
+    def plan(groups):
+        kw = {"groups": groups, "batch_tokens": batch_tokens, **solver_kw}
+        if not check:
+            return [estimate_analysis_memory(lays, offload=bool(offload) and d.type == "cuda", device=d,
+                                             weights=weights, **kw) for d, lays in per.items()]
+        ests = [plan_memory(lays, d, offload=offload, weights=weights, **kw) for d, lays in per.items()]
+        if len(ests) > 1:
+            off = any(e.offload for e in ests)
+            if off and not all(e.offload for e in ests if e.device != "cpu"):
+                ests = [plan_memory(lays, d, offload=True, **kw) for d, lays in per.items()]
+            host = sum(e.host_bytes for e in ests if e.device != "cpu")
+            free_host = free_memory("cpu")
+            if free_host is not None and host > free_host:
+                raise InputError(f"the analysis needs about {fmt_bytes(host)} of host memory over "
+                                 f"{len(ests)} devices but {fmt_bytes(free_host)} is available; analyse fewer "
+                                 "layers at a time with --include/--exclude")
+        return ests
+
+    groups = None
+    try:
+        groups = discover_input_groups(model, layers, batches.batches[0],
+                                       _input_device(model) if dispatched else model_device(model))
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, InputError) as err:
+        if log is not None:
+            log(f"memory: input groups not found by a trial forward ({type(err).__name__}); "
+                "the estimate counts every layer on its own (an upper bound)")
+    ests = plan(groups)  # raises when the analysis cannot fit
+    use_offload = any(e.offload for e in ests)
+    if log is not None:
+        for e in ests:
+            log(e.describe())
+    if len(ests) == 1:
+        return use_offload, ests[0].to_dict()
+    return use_offload, {"offload": use_offload, "upper_bound": any(e.upper_bound for e in ests),
+                         "devices": [e.to_dict() for e in ests]}
+
+
+def _all_reduce_gram(gram: torch.Tensor) -> None:
+    """Sum a Gram over ranks in place; an offloaded (CPU) Gram under NCCL travels through the GPU in
+    row blocks of ≤ 256 MiB."""
+    from .distributed import all_reduce_, is_distributed
+
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    if gram.device.type == "cpu" and dist.get_backend() == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+        rows = max(1, (256 << 20) // (8 * gram.shape[1]))
+        for i in range(0, gram.shape[0], rows):
+            blk = gram[i:i + rows].to(dev)
+            all_reduce_(blk)
+            gram[i:i + rows].copy_(blk.cpu())
+        return
+    all_reduce_(gram)
 
 
 def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None,
             exclude: Sequence[str] | None = None, device: str | torch.device | None = None,
             source: str | None = None, tokenizer=None, samples: int = 128, seq_len: int = 128,
-            batch_size: int = 8, seed: int = 0) -> Analysis:
+            batch_size: int = 8, seed: int = 0, offload: bool | None = None, solver: str = "full",
+            top_k: int | None = None, randomized_threshold: int | None = None, memory_check: bool = True,
+            log: Callable[[str], None] | None = None) -> Analysis:
     """Hook ``model``'s layers, stream ``data`` through it, and return every layer's spectrum.
 
     ``data``: a :class:`~specprune.data.Batches`, an iterable of batches (tensors or dicts), or
     paths to text/tensor files (then ``tokenizer``, ``samples``, ``seq_len``, ``batch_size``,
     ``seed`` apply). The model's outputs and parameters are unchanged; hooks are always removed.
+
+    Scale options (docs/scaling.md): ``device`` — where the model runs (a model dispatched with a
+    ``device_map`` is never moved; each accumulator then lives on its layer's device); ``offload`` —
+    float64 accumulators in CPU memory (None: only when the memory estimate says the device is short);
+    ``solver`` — ``full`` (the default here: recommend, apply and compress need every mode), ``auto``
+    (randomized top-``top_k`` for input widths ≥ ``randomized_threshold``, 8192; the default of the
+    ``specprune analyze`` command) or ``randomized`` (every group); ``memory_check`` — estimate and check memory up front (the estimate is
+    recorded in ``Analysis.memory``); ``log`` — receives one-line status messages.
     """
     from .data import Batches, from_iterable, load_data
-    from .distributed import all_reduce_, all_reduce_scalars, is_distributed, shard
+    from .distributed import all_reduce_scalars, is_distributed, shard
+    from .memory import choose_solver
     from .models import model_device, num_parameters, resolve_device
     from .probe import run_probe
     from .progress import track
+    from .randomized import DEFAULT_THRESHOLD
 
     t0 = time.perf_counter()
     if isinstance(data, (str, Path)) or (isinstance(data, (list, tuple)) and data
@@ -231,35 +542,63 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     else:
         batches = from_iterable(data, seed) if not isinstance(data, Batches) else data
     layers = select_layers(model, include, exclude)
-    dev = resolve_device(device) if device is not None and not isinstance(device, torch.device) else device
+    threshold = DEFAULT_THRESHOLD if randomized_threshold is None else int(randomized_threshold)
+    solver_kw = {"solver": solver, "top_k": top_k, "threshold": threshold}
+    choose_solver(1, solver, top_k, threshold)  # validate the options before any work
+    dispatched = _dispatched(model)
     original = model_device(model)
+    if dispatched:
+        dev = None
+        target = _input_device(model)
+        if device is not None and log is not None:
+            log("the model is dispatched with a device map: it stays where it is (--device is ignored)")
+    else:
+        dev = resolve_device(device) if device is not None and not isinstance(device, torch.device) else device
+        if dev is not None and dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        target = dev or original
     moved = dev is not None and dev != original
     was_training = model.training
     model.eval()
+    members: dict[str, list[TargetLayer]] = {}
     try:
+        use_offload, memory = _plan_memory(model, layers, batches, target, dispatched, moved, offload,
+                                           memory_check, solver_kw, log)
         if moved:
             model.to(dev)
-        probe = run_probe(model, layers, shard(batches.batches), dev or original)
+        probe = run_probe(model, layers, shard(batches.batches), target, offload=use_offload)
         accs = probe.results()
+        for lay in layers:
+            members.setdefault(probe.layer_acc[lay.name], []).append(lay)
         if is_distributed():
             for key in sorted(accs):  # same order on every rank
                 acc = accs[key]
                 if acc.gram is None:
-                    acc.gram = torch.zeros(acc.d, acc.d, dtype=torch.float64, device=dev or original)
-                all_reduce_(acc.gram)
+                    acc.gram = torch.zeros(acc.d, acc.d, dtype=torch.float64,
+                                           device="cpu" if acc.offload else acc.device)
+                _all_reduce_gram(acc.gram)
                 acc.tokens, acc.skipped_tokens = (int(v) for v in all_reduce_scalars(acc.tokens,
                                                                                      acc.skipped_tokens))
         groups: dict[str, InputGroup] = {}
         skipped: dict[str, int] = {}
+        energies: dict[str, float] = {}
         for key, acc in track(list(accs.items()), "eigensolves"):
             if acc.gram is None or acc.tokens == 0:
                 raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
-            evals, evecs = _eigh(acc.gram, acc.tokens)
-            groups[key] = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers))
+            how, k = choose_solver(acc.d, **solver_kw)
+            if how == "full":
+                evals, evecs = _eigh(acc.gram, acc.tokens, acc.device)
+                groups[key] = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers))
+            else:
+                res, en = _topk(acc.gram, acc.tokens, k, acc.device, members[key], seed)
+                energies.update(en)
+                groups[key] = InputGroup(key, acc.tokens, res.eigenvalues.cpu().numpy(),
+                                         res.eigenvectors.cpu().numpy(), list(acc.layers), dim=acc.d,
+                                         tail_trace=res.tail_trace, solver=res.describe())
             skipped[key] = acc.skipped_tokens
             acc.gram = None  # free as we go: one accumulator's solve at a time
         out_layers = [summarize_layer(lay, groups[probe.layer_acc[lay.name]],
-                                      skipped[probe.layer_acc[lay.name]])
+                                      skipped[probe.layer_acc[lay.name]], energies.get(lay.name))
                       for lay in track(layers, "fits")]
     finally:
         if moved:
@@ -268,4 +607,4 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     calib = batches.describe()
     info = {"source": source or type(model).__name__, "num_parameters": num_parameters(model),
             "architecture": type(model).__name__}
-    return Analysis(info, calib, out_layers, groups, seconds=time.perf_counter() - t0)
+    return Analysis(info, calib, out_layers, groups, seconds=time.perf_counter() - t0, memory=memory)

@@ -63,6 +63,19 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(x.shape[0] * (x.shape[1] if x.dim() > 1 and "input_ids" in batch else 1))
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under ``root`` (symlinked directories not followed). Unlike ``Path.rglob``, a
+    directory that cannot be read is an error, not silently skipped data."""
+    def unreadable(err: OSError):
+        raise InputError(f"cannot read data directory {err.filename}: {err.strerror or err}")
+
+    for dirpath, _dirs, files in os.walk(root, onerror=unreadable):
+        for name in files:
+            f = Path(dirpath) / name
+            if f.is_file():
+                yield f
+
+
 def _collect_files(paths: Sequence[str | os.PathLike], suffixes) -> list[Path]:
     files: list[Path] = []
     for p in paths:
@@ -70,7 +83,7 @@ def _collect_files(paths: Sequence[str | os.PathLike], suffixes) -> list[Path]:
         if not path.exists():
             raise InputError(f"data not found: {p}")
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in suffixes)
+            found = sorted(f for f in _walk(path) if f.suffix in suffixes)
             if not found:
                 raise InputError(f"data directory {p} holds no {'/'.join(suffixes)} files")
             files.extend(found)
@@ -132,11 +145,21 @@ def tokenize_stream(tokenizer, docs: Sequence[str]) -> list[int]:
     return ids
 
 
-def _special_count(tokenizer) -> int:
+def special_template(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after one sequence ([CLS] … [SEP], <s> …), found by
+    encoding the same text with and without special tokens. (transformers 5 tokenizers no longer
+    have ``build_inputs_with_special_tokens``; this works with every version.)"""
+    probe = "specprune calibration"
     try:
-        return len(tokenizer.build_inputs_with_special_tokens([]))
-    except Exception:
-        return 0
+        plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return [], []
+    n = len(plain)
+    for i in range(len(full) - n + 1):
+        if full[i:i + n] == plain:
+            return full[:i], full[i + n:]
+    return [], []
 
 
 def text_windows(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor:
@@ -146,7 +169,8 @@ def text_windows(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor:
     if tokenizer is None:
         raise InputError("text data needs a tokenizer, and the model has none (add tokenizer files to "
                          "the model directory or use tensor data)")
-    n_special = _special_count(tokenizer)
+    prefix, suffix = special_template(tokenizer)
+    n_special = len(prefix) + len(suffix)
     body = seq_len - n_special
     if body <= 0:
         raise InputError(f"--seq-len {seq_len} leaves no room next to {n_special} special tokens")
@@ -158,7 +182,7 @@ def text_windows(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor:
     rows = []
     for i in range(n):
         piece = ids[i * body:(i + 1) * body]
-        rows.append(tokenizer.build_inputs_with_special_tokens(piece) if n_special else piece)
+        rows.append(prefix + piece + suffix)
     return torch.tensor(rows, dtype=torch.long)
 
 

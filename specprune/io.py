@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,6 +28,23 @@ def _is_within(child: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """Give an output the permissions a plain mkdir/open would have (mkdtemp/mkstemp use 0700/0600),
+    recursively for directories."""
+    mask = _umask()
+    if path.is_dir():
+        for p in [path, *path.rglob("*")]:
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
@@ -57,6 +75,7 @@ def output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp-", dir=out_p.parent))
     try:
         yield tmp
+        _publish_mode(tmp)
         if out_p.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.old-", dir=out_p.parent))
             os.replace(out_p, old / "x")
@@ -78,6 +97,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, inputs: Iterable[st
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+        _publish_mode(Path(tmp))
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -87,8 +107,20 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, inputs: Iterable[st
 
 
 def dumps(obj) -> str:
-    """Deterministic JSON used for every file specprune writes."""
-    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_default) + "\n"
+    """Deterministic JSON used for every file specprune writes. Strict JSON: a non-finite float
+    (an undefined statistic, e.g. the spread of a single sample) is written as null."""
+    return json.dumps(finite(obj), indent=2, sort_keys=False, allow_nan=False, default=_default) + "\n"
+
+
+def finite(obj):
+    """``obj`` with every NaN/±Inf float (in dicts, lists, tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def _default(o):
@@ -97,9 +129,9 @@ def _default(o):
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
-        return float(o)
+        return finite(float(o))
     if isinstance(o, np.ndarray):
-        return o.tolist()
+        return finite(o.tolist())
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")

@@ -77,11 +77,37 @@ def import_callable(spec: str):
     return obj
 
 
+def unpickling_reason(err: BaseException) -> str:
+    """The informative line of torch's weights-only refusal (which global it blocked), not its
+    generic preamble about the PyTorch 2.6 default."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln or "unsupported" in ln:
+            return ln[:200]
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def check_readable(path: str | os.PathLike, what: str = "") -> None:
+    """Fail with one clear line when ``path`` (a file, or a directory's listing) cannot be read,
+    instead of a library's misleading "not found" further down."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            os.listdir(p)
+        else:
+            with open(p, "rb"):
+                pass
+    except OSError as err:
+        raise InputError(f"cannot read {what + ' ' if what else ''}{path}: "
+                         f"{err.strerror or type(err).__name__}") from None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or .pt/.pth/.bin file; pickles run no code (weights_only)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"weights file not found: {path}")
+    check_readable(p)
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -95,11 +121,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise RefusedError(
                 f"refusing to load {path}: it is a pickle that needs arbitrary code to load "
-                f"(torch.load weights_only=True rejected it: {first[:200]}); save a plain state dict "
-                "or safetensors instead") from None
+                f"(torch.load weights_only=True rejected it: {unpickling_reason(err)}); save a plain "
+                "state dict or safetensors instead") from None
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise InputError(f"{path} is not a readable PyTorch file (corrupted or truncated?): "
                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -119,8 +144,9 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load_hf(path: Path, trust_remote_code: bool, dtype=None) -> LoadedModel:
+def _load_hf(path: Path, trust_remote_code: bool, dtype=None, device_map: str | dict | None = None) -> LoadedModel:
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel
 
     quiet_transformers()
@@ -137,6 +163,9 @@ def _load_hf(path: Path, trust_remote_code: bool, dtype=None) -> LoadedModel:
         "pytorch_model.bin.index.json"))
     if not has_weights:
         raise InputError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin)")
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")):
+            check_readable(f)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                             local_files_only=True)
@@ -151,10 +180,19 @@ def _load_hf(path: Path, trust_remote_code: bool, dtype=None) -> LoadedModel:
     kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = _check_device_map(device_map)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(str(path), **kwargs)
+    except pickle.UnpicklingError as err:
+        raise RefusedError(f"refusing to load the weights in {path}: a pickle that needs arbitrary code "
+                           f"to load (torch.load weights_only=True rejected it: {unpickling_reason(err)}); "
+                           "convert them to safetensors from a trusted environment") from None
+    except SafetensorError as err:
+        raise InputError(f"the weights in {path} are not a readable safetensors file (corrupted or "
+                         f"truncated?): {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"cannot load the model in {path}: {msg}") from None
@@ -180,22 +218,44 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
         return None
 
 
+def _check_device_map(device_map: str | dict) -> str | dict:
+    """A ``device_map`` for ``from_pretrained``: "auto" / "balanced" / "sequential" or an explicit
+    {module: device} dict; it needs accelerate, which places each block on a GPU (then CPU, then disk)
+    without ever materialising the whole model on one device."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise InputError("--device-map needs the accelerate package (pip install accelerate)") from None
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise InputError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {device_map!r}")
+    return device_map
+
+
 def load_model(source, arch: str | None = None, trust_remote_code: bool = False,
-               dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load any MODEL argument of the contract (see module docstring). Nothing is modified."""
+               dtype: torch.dtype | None = None, device_map: str | dict | None = None) -> LoadedModel:
+    """Load any MODEL argument of the contract (see module docstring). Nothing is modified.
+
+    ``device_map`` (Hugging Face directories only; sharded ``model.safetensors.index.json``
+    checkpoints included): dispatch the model over the available devices with accelerate, for models
+    larger than one device; specprune then never moves it (see :func:`specprune.analysis.analyze`)."""
+    if device_map is not None and not (isinstance(source, (str, os.PathLike)) and Path(source).is_dir()
+                                       and (Path(source) / "config.json").exists()
+                                       and not (Path(source) / "specprune.json").exists()):
+        raise InputError("--device-map applies to Hugging Face model directories only")
     if isinstance(source, nn.Module):
         source.eval()
         return LoadedModel(source, type(source).__name__, "module")
     path = Path(source)
     if not path.exists():
         raise InputError(f"model not found: {source}")
+    check_readable(path, "model")
     if path.is_dir():
         if (path / "specprune.json").exists():
             from .compress.saved import load_saved
 
             return load_saved(path, arch=arch)
         if (path / "config.json").exists():
-            return _load_hf(path, trust_remote_code, dtype)
+            return _load_hf(path, trust_remote_code, dtype, device_map)
         raise InputError(f"{source} is not a model directory (no config.json or specprune.json)")
     if path.suffix not in STATE_DICT_SUFFIXES:
         raise InputError(f"unsupported model file {source}: expected a HF directory, "
@@ -213,7 +273,7 @@ def load_model(source, arch: str | None = None, trust_remote_code: bool = False,
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise InputError(f"{source} does not fit --arch {arch}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"{source} does not fit --arch {arch}: {' '.join(str(err).split())[:400]}") from None
     model.eval()
     return LoadedModel(model, str(path), "state_dict", arch=arch)
 

@@ -6,9 +6,12 @@ positions are dropped through the batch's attention mask), the probe keeps
     G = Σ_tokens x xᵀ   (d_in × d_in),   N = number of tokens,
 
 so the feature covariance is Σ = G / N. Precision: each batch's x is upcast to float32
-(fp16/bf16 models work), its Gram xᵀx is one float32 GEMM (TF32 off on CUDA), and batches
-are summed into a float64 accumulator, so rounding does not grow with the number of
-batches. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
+(fp16/bf16 models work), its Gram xᵀx is one float32 GEMM (TF32 off while the probe runs), and
+batches are summed into a float64 accumulator, so rounding does not grow with the number of
+batches. Placement: each accumulator computes on its layer's device (the device of the layer's
+weights; a model dispatched over several GPUs keeps each accumulator beside its layer); with
+``offload`` the float64 sum lives in CPU memory instead and only the float32 batch Gram is made
+on the device. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
 the sharing is found on the first batch through tensor identity (weak references, so a
 freed tensor whose memory is reused cannot be mistaken for a shared one).
 
@@ -35,21 +38,26 @@ class GramAccumulator:
 
     key: str
     d: int
-    device: torch.device
+    device: torch.device  # where each batch's Gram is computed (the layer's device)
     gram: torch.Tensor | None = None
     tokens: int = 0
     skipped_tokens: int = 0  # tokens of batches with NaN/Inf features, left out
     layers: list[str] = field(default_factory=list)
+    offload: bool = False  # keep the float64 sum in CPU memory
 
     def update(self, x: torch.Tensor) -> None:
-        """x: (tokens, d) features. G += xᵀx (fp32 GEMM, fp64 sum)."""
+        """x: (tokens, d) features. G += xᵀx (fp32 GEMM on ``device``, fp64 sum on ``device`` or, with
+        ``offload``, on the CPU)."""
         if x.shape[0] == 0:
             return
-        xf = x.float()
+        xf = x.to(self.device, torch.float32)
         g = xf.t() @ xf
+        del xf
         if not torch.isfinite(g).all():
             self.skipped_tokens += int(x.shape[0])
             return
+        if self.offload and g.device.type != "cpu":
+            g = g.cpu()
         if self.gram is None:
             self.gram = torch.zeros(self.d, self.d, dtype=torch.float64, device=g.device)
         self.gram += g
@@ -61,13 +69,34 @@ class GramAccumulator:
         self.skipped_tokens = 0
 
 
+def layer_device(module: nn.Module) -> torch.device | None:
+    """The device a layer computes on: accelerate's execution device when a dispatch hook says so,
+    else its first parameter's device; None for parameter-less or ``meta`` (offloaded) layers."""
+    hook = getattr(module, "_hf_hook", None)
+    exe = getattr(hook, "execution_device", None)
+    if exe is not None:
+        return torch.device("cuda", exe) if isinstance(exe, int) else torch.device(exe)
+    p = next(iter(module.parameters(recurse=False)), None)
+    if p is None:
+        p = next(iter(module.parameters()), None)
+    if p is None or p.device.type == "meta":
+        return None
+    return p.device
+
+
 class SpectrumProbe:
     """Hooks on ``layers`` accumulating input Grams; use as ``with SpectrumProbe(...) as probe:``
-    and call ``probe.set_batch(batch)`` before each forward so masks apply."""
+    and call ``probe.set_batch(batch)`` before each forward so masks apply.
 
-    def __init__(self, model: nn.Module, layers: list[TargetLayer]):
+    ``offload``: float64 sums in CPU memory; ``accumulate=False``: only find which layers share an
+    input (``layer_acc``), allocating nothing (see :func:`discover_input_groups`)."""
+
+    def __init__(self, model: nn.Module, layers: list[TargetLayer], *, offload: bool = False,
+                 accumulate: bool = True):
         self.model = model
         self.layers = layers
+        self.offload = offload
+        self.accumulate = accumulate
         self.accumulators: dict[str, GramAccumulator] = {}
         self.layer_acc: dict[str, str] = {}
         self._handles: list = []
@@ -135,9 +164,12 @@ class SpectrumProbe:
             if acc_key is None:
                 acc_key = name
                 self.layer_acc[name] = acc_key
-                self.accumulators[acc_key] = GramAccumulator(acc_key, adapter.d_in(module), x.device,
-                                                             layers=[name])
+                self.accumulators[acc_key] = GramAccumulator(acc_key, adapter.d_in(module),
+                                                             layer_device(module) or x.device, layers=[name],
+                                                             offload=self.offload)
             self._seen[key] = (weakref.ref(x), acc_key)
+            if not self.accumulate:
+                return None
             with torch.no_grad():
                 feats = self._features(adapter, module, x)
                 self.accumulators[acc_key].update(feats)
@@ -157,27 +189,67 @@ class SpectrumProbe:
         return self.accumulators
 
 
+@contextlib.contextmanager
+def tf32_disabled():
+    """TF32 off for CUDA matmuls inside the block (a Gram in TF32 keeps ~10 mantissa bits: relative
+    errors ~1e-3 that swamp the small eigenvalues), restored afterwards whatever happens. The flag is
+    process-global, so it also covers layers dispatched over several GPUs; on CPU-only builds it is inert."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def run_probe(model: nn.Module, layers: list[TargetLayer], batches, device: torch.device | None = None,
-              description: str = "calibration") -> SpectrumProbe:
-    """Stream every batch through ``model`` with the probe attached; returns the (closed) probe."""
+              description: str = "calibration", *, offload: bool = False) -> SpectrumProbe:
+    """Stream every batch through ``model`` with the probe attached; returns the (closed) probe.
+    ``device``: where batches are sent (None: left where they are); ``offload``: accumulators in CPU
+    memory."""
     from .data import forward
     from .progress import track
 
-    probe = SpectrumProbe(model, layers)
-    tf32 = None
-    if device is not None and device.type == "cuda":
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    probe = SpectrumProbe(model, layers, offload=offload)
+    with tf32_disabled():
         with probe, torch.inference_mode():
             for batch in track(batches, description, total=len(batches)):
                 probe.set_batch(batch)
                 forward(model, batch, device)
         probe.check_fired()
-    finally:
-        if tf32 is not None:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
     return probe
+
+
+def _tiny_batch(batch: dict, tokens: int = 8) -> dict:
+    """The first sample of ``batch``, cut to its first ``tokens`` positions for token inputs."""
+    out = {}
+    n = None
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            n = int(v.shape[0])
+            break
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and n is not None and v.shape[0] == n:
+            v = v[:1]
+            if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids") and v.dim() == 2:
+                v = v[:, :tokens]
+        out[k] = v
+    return out
+
+
+def discover_input_groups(model: nn.Module, layers: list[TargetLayer], batch: dict,
+                          device: torch.device | None = None) -> dict[str, str]:
+    """Layer name → accumulator key, exactly as :class:`SpectrumProbe` will group them (same input
+    tensor object → one accumulator), from one forward of the first sample of ``batch`` (≤ 8 tokens)
+    with hooks that allocate nothing. Used to make the memory estimate exact before a big run."""
+    from .data import forward
+
+    probe = SpectrumProbe(model, layers, accumulate=False)
+    tiny = _tiny_batch(batch)
+    with tf32_disabled(), probe, torch.inference_mode():
+        probe.set_batch(tiny)
+        forward(model, tiny, device)
+    return dict(probe.layer_acc)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ tolerance at the smallest size.
    solved by Lagrangian relaxation (bisection on the multiplier) followed by a greedy pass
    that spends what is left of the budget. The first budget is 80% of the tolerance mapped
    back through the calibration map (calibration windows are not the evaluation windows).
-4. Verification: the chosen plan is applied temporarily and measured on up to 48 calibration
-   windows; the budget is rescaled by target/measured and the allocation repeated (at most six
+4. Verification: the chosen plan is applied temporarily and measured on up to 32 calibration
+   windows; the budget is rescaled by target/measured and the allocation repeated (at most five
    rounds). The smallest plan whose measurement met the target is kept, and that measurement
    is its calibrated prediction (the model-only prediction is kept in ``details``).
 """
@@ -32,15 +32,20 @@ from torch import nn
 from .errors import InputError
 from .layers import TargetLayer, select_layers
 from .plan import LayerPlan, Plan
-from .sensitivity import (CalibrationMap, LayerGeometry, LayerSensitivity, break_even_rank,
-                          low_rank_delta, measure_sensitivities)
+from .sensitivity import (
+    CalibrationMap,
+    LayerGeometry,
+    LayerSensitivity,
+    break_even_rank,
+    measure_sensitivities,
+)
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 RANK_FRACTIONS = (0.9, 0.75, 0.6, 0.45, 0.3, 0.15)
 COMBO_BITS = (4, 6, 8)
 SCALE_BITS = 16
 TARGET_FRACTION = 0.8  # aim below the tolerance: calibration windows are not the evaluation windows
-MAX_ROUNDS = 6
+MAX_ROUNDS = 5
 
 
 @dataclass
@@ -104,8 +109,12 @@ def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarr
         ranks = sorted({max(1, int(f * kb)) for f in RANK_FRACTIONS})
         if k_star is not None:
             ranks = [k for k in ranks if k >= k_star]
+        # directions calibration never saw (rank-deficient Σ) cost nothing on calibration data but do
+        # on new data: never truncate into them
+        seen = int(np.sum(geom.eigenvalues > 1e-10 * max(float(geom.eigenvalues[0]), 1e-300)))
+        ranks = [k for k in ranks if k <= seen] if seen < min(d_in, d_out) else ranks
         for k in ranks:
-            dp_w = low_rank_delta(geom, prune_method, k)
+            dp_w = geom.low_rank_delta(prune_method, k)
             dp = geom.distortion(dp_w)
             sb, params = weight_bits(d_in, d_out, k, None, None, db)
             rate = 1.0 - params / full_params
@@ -119,15 +128,10 @@ def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarr
 
 
 def _combo_distortion(geom: LayerGeometry, method: str, k: int, bits: int) -> float:
-    from .compress.prune import spectral_factors, whitened_factors
+    """Distortion of rank-k factors each quantized to ``bits`` (per channel)."""
     from .compress.quantize import quantize_weight
 
-    if method == "whitened":
-        a, b = whitened_factors(geom.w.double(), geom.eigenvalues, geom.u.double(), k)
-    else:
-        a, b = spectral_factors(geom.w.double(), geom.u.double(), k)
-    a = torch.as_tensor(a, dtype=torch.float32)
-    b = torch.as_tensor(b, dtype=torch.float32)
+    a, b = geom.factors(method, k)
     aq = quantize_weight(a, bits, None).dequantize().to(torch.float32)
     bq = quantize_weight(b, bits, None).dequantize().to(torch.float32)
     return geom.distortion(aq @ bq - geom.w)
@@ -197,18 +201,43 @@ def _to_plan_layers(choice: dict[str, Option], sens: dict[str, LayerSensitivity]
     return out
 
 
-def measure_plan(model: nn.Module, plan: Plan, analysis, evaluator) -> float:
-    """Apply ``plan`` temporarily, measure its delta with ``evaluator``, restore the model."""
-    from .snapshot import apply_temporarily
+def option_weight(geom: LayerGeometry, o: Option) -> torch.Tensor:
+    """The dense weight a layer computes with under option ``o`` (factors multiplied out,
+    quantization applied as in :func:`specprune.compress.apply.apply_`)."""
+    from .compress.quantize import quantize_weight
 
-    with apply_temporarily(model, plan, analysis):
+    if o.rank is not None:
+        a, b = geom.factors(o.method, o.rank)
+        if o.bits is not None:
+            a = quantize_weight(a, o.bits, None).dequantize().to(torch.float32)
+            b = quantize_weight(b, o.bits, None).dequantize().to(torch.float32)
+        return a @ b
+    if o.bits is not None:
+        return quantize_weight(geom.w, o.bits, o.group_size).dequantize().to(torch.float32)
+    return geom.w
+
+
+def measure_choice(model: nn.Module, choice: dict[str, Option], geoms: dict[str, LayerGeometry],
+                   evaluator) -> float:
+    """Measure a candidate allocation: every changed layer computes with its option's dense weight
+    for the duration of one evaluation, then the original weights are restored. (Same function as
+    applying the plan, without building factorized modules.)"""
+    import contextlib
+
+    from .sensitivity import patched_weight
+
+    with contextlib.ExitStack() as stack:
+        for n, o in choice.items():
+            if o.method is None and o.bits is None:
+                continue
+            stack.enter_context(patched_weight(geoms[n].layer, option_weight(geoms[n], o)))
         return evaluator.delta(model, "verification")
 
 
 def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=None, *,
               metric: str = "auto", methods=("prune", "quantize"), bits_choices=DEFAULT_BITS,
-              group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int = 8,
-              verify_samples: int = 48, source: str | None = None, seed: int = 0, verify: bool = True) -> Plan:
+              group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int = 4,
+              verify_samples: int = 32, source: str | None = None, seed: int = 0, verify: bool = True) -> Plan:
     """A per-layer plan for ``tolerance`` (relative metric increase). With ``model`` and ``data``
     the prediction is calibrated by measurement (see module docstring); without them it is the
     uncalibrated layer-local estimate (each layer's relative output distortion, summed)."""
@@ -223,7 +252,7 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
     unknown = set(methods) - {"prune", "quantize"}
     if unknown or not methods:
         raise InputError(f"--methods takes prune and/or quantize, got {','.join(methods) or 'nothing'}")
-    bits_choices = tuple(sorted(set(int(b) for b in bits_choices)))
+    bits_choices = tuple(sorted({int(b) for b in bits_choices}))
     if not bits_choices or any(b < 2 or b > 8 for b in bits_choices):
         raise InputError(f"--bits-choices must be integers in 2..8, got {bits_choices}")
     if not analysis.has_spectra:
@@ -253,7 +282,8 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
         evaluator = Evaluator(model, _subset(batches, sensitivity_samples), metric, description="reference")
         verifier = Evaluator(model, _subset(batches, verify_samples), metric, description="reference")
         sens = measure_sensitivities(layers, geoms, evaluator, model, pm)
-        cmap = _calibrate_map(model, layers, options, sens, analysis, evaluator, bits_choices, pm)
+        mapper = Evaluator(model, _subset(batches, 2 * sensitivity_samples), metric, description="reference")
+        cmap = _calibrate_map(model, layers, options, sens, geoms, mapper, bits_choices, pm)
         metric_name = evaluator.metric
     else:
         sens = {lay.name: LayerSensitivity(lay.name, 1.0 / max(geoms[lay.name].energy, 1e-30),
@@ -272,7 +302,7 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
         last = (size, choice, None, None)
         if not (calibrated and verify) or all(o.method is None and o.bits is None for o in choice.values()):
             break
-        measured = measure_plan(model, _plan_of(choice), analysis, verifier)
+        measured = measure_choice(model, choice, geoms, verifier)
         stderr = verifier.last_stderr
         history.append({"budget": budget, "predicted_raw": raw, "predicted": cmap(raw),
                         "measured_on_calibration": measured, "stderr": stderr, "size_bits": size})
@@ -296,7 +326,7 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
         for lp in plan_layers.values():
             lp.predicted_delta = float(lp.predicted_delta * scale) if pred > 0 else 0.0
         pred = float(max(measured, 0.0))
-        se = stderr if stderr is not None and stderr == stderr else 0.0
+        se = stderr if stderr is not None and math.isfinite(stderr) else 0.0
         uncertainty = float(max(2.0 * se, 0.15 * pred))
     from .compress.apply import plan_size
 
@@ -312,12 +342,6 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
                                             "r_star": analysis.layer(lay.name).r_star} for lay in layers},
                     "seconds": round(time.perf_counter() - t0, 3)}
     return plan
-
-
-def _plan_of(choice: dict[str, Option]) -> Plan:
-    return Plan(model={}, tolerance=0.0, metric="", layers={
-        n: LayerPlan(method=o.method, prune_rate=o.prune_rate, rank=o.rank, bits=o.bits, group_size=o.group_size)
-        for n, o in choice.items()})
 
 
 def _subset(batches, n: int):
@@ -340,7 +364,7 @@ def _take_windows(batches, n: int):
     return out
 
 
-def _calibrate_map(model, layers, options, sens, analysis, evaluator, bits_choices, pm) -> CalibrationMap:
+def _calibrate_map(model, layers, options, sens, geoms, evaluator, bits_choices, pm) -> CalibrationMap:
     """Measure a few uniform settings on the subset and fit δ ≈ c·P^p."""
     settings = []
     for b in (8, 6, 4, 3):
@@ -363,6 +387,6 @@ def _calibrate_map(model, layers, options, sens, analysis, evaluator, bits_choic
         if all(o.method is None and o.bits is None for o in choice.values()):
             continue
         raw = sum(o.delta(sens[n]) for n, o in choice.items())
-        measured = measure_plan(model, _plan_of(choice), analysis, evaluator)
+        measured = measure_choice(model, choice, geoms, evaluator)
         points.append({"setting": f"uniform {kind} {val}", "predicted_raw": raw, "measured": measured})
     return CalibrationMap.fit(points)

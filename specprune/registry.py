@@ -56,7 +56,7 @@ def _entries(kind: str, autoload: bool) -> dict[str, tuple[PluginInfo, metadata.
         dist = getattr(ep, "dist", None)
         package = dist.metadata["Name"] if dist is not None else "?"
         version = dist.version if dist is not None else "?"
-        builtin = ep.value.startswith("specprune.")
+        builtin = package.lower() == "specprune"
         if not autoload and not builtin:
             continue
         info = PluginInfo(kind, ep.name, package, version, ep.value, builtin)

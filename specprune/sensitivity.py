@@ -90,7 +90,7 @@ class CalibrationMap:
         return float(delta * (math.exp(self.sigma) - 1.0))
 
     @classmethod
-    def fit(cls, points: list[dict], sigma_floor: float = 0.15) -> "CalibrationMap":
+    def fit(cls, points: list[dict], sigma_floor: float = 0.15) -> CalibrationMap:
         """Least squares in log space over points with measured delta and additive prediction > 0."""
         good = [pt for pt in points if pt["predicted_raw"] > 0 and pt["measured"] > 0]
         if not good:
@@ -126,6 +126,7 @@ class LayerGeometry:
         wm = self.w @ self.m
         self.energy = float(wm.double().pow(2).sum())
         self._sv: np.ndarray | None = None
+        self._p: torch.Tensor | None = None
         self._wm = wm
 
     @property
@@ -139,21 +140,31 @@ class LayerGeometry:
     def distortion(self, delta_w: torch.Tensor) -> float:
         return float((delta_w.to(torch.float32) @ self.m).double().pow(2).sum())
 
+    def _svd(self) -> tuple[torch.Tensor, np.ndarray]:
+        """Left singular vectors P and singular values s of W Σ^½ = W U Λ^½ (computed once)."""
+        if self._sv is None:
+            p, sv, _ = torch.linalg.svd(self._wm.double(), full_matrices=False)
+            self._p = p.to(torch.float32)
+            self._sv = sv.numpy()
+        return self._p, self._sv
+
     def whitened_singular_values(self) -> np.ndarray:
         """Singular values of W Σ^½ (descending): keeping k directions costs Σ_{i>k} s_i²."""
-        if self._sv is None:
-            self._sv = torch.linalg.svdvals(self._wm.double()).numpy()
-        return self._sv
+        return self._svd()[1]
 
-    def truncation_cost(self, method: str, k: int, mode_energy: np.ndarray | None = None) -> float:
+    def factors(self, method: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-k factors (A, B), W_k = A B. ``whitened``: the top-k left singular directions P_k of
+        W Σ^½, W_k = P_k (P_kᵀ W) — optimal for output energy; ``spectral``: the top-k input modes,
+        W_k = (W U_k) U_kᵀ."""
         if method == "whitened":
-            s = self.whitened_singular_values()
-            return float(np.sum(s[k:] ** 2))
-        e = mode_energy if mode_energy is not None else None
-        if e is None:
-            wm = self._wm.double()
-            e = wm.pow(2).sum(0).numpy()
-        return float(np.sum(np.asarray(e)[k:]))
+            p = self._svd()[0][:, :k]
+            return p, p.T @ self.w
+        u = self.u[:, :k]
+        return self.w @ u, u.T
+
+    def low_rank_delta(self, method: str, k: int) -> torch.Tensor:
+        a, b = self.factors(method, k)
+        return a @ b - self.w
 
 
 @contextlib.contextmanager
@@ -172,17 +183,6 @@ def patched_weight(layer: TargetLayer, new_w: torch.Tensor):
 def break_even_rank(d_in: int, d_out: int) -> int:
     """Largest rank whose two factors hold fewer parameters than the dense matrix."""
     return max(1, (d_in * d_out - 1) // (d_in + d_out))
-
-
-def low_rank_delta(geom: LayerGeometry, method: str, k: int) -> torch.Tensor:
-    """ΔW of truncating ``geom``'s layer to rank k with ``method`` (spectral or whitened)."""
-    from .compress.prune import spectral_factors, whitened_factors
-
-    if method == "whitened":
-        a, b = whitened_factors(geom.w.double(), geom.eigenvalues, geom.u.double(), k)
-    else:
-        a, b = spectral_factors(geom.w.double(), geom.u.double(), k)
-    return (torch.as_tensor(a) @ torch.as_tensor(b)).to(torch.float32) - geom.w
 
 
 def antithetic_delta(layer: TargetLayer, w: torch.Tensor, dw: torch.Tensor, evaluator: Evaluator,
@@ -212,7 +212,7 @@ def measure_sensitivities(layers: list[TargetLayer], geoms: dict[str, LayerGeome
         sens = LayerSensitivity(layer.name, s_q, None, power, probes)
         if prune_method is not None:
             k = max(1, break_even_rank(g.d_in, g.d_out) // 2)
-            dp = low_rank_delta(g, prune_method, k)
+            dp = g.low_rank_delta(prune_method, k)
             dist = g.distortion(dp)
             delta = antithetic_delta(layer, g.w, dp, evaluator, model)
             probes.append({"kind": "prune", "rank": k, "distortion": dist, "delta": delta})

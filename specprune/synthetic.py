@@ -84,7 +84,7 @@ def synthetic_layer(
         gain at ``init_std = 1/√d``).
     init_decays : ``True`` (default) uses the exact gradient-flow solution, where learned modes
         forget the init; ``False`` adds ``W0`` to the noise-free ``W(t)``.
-    chunk : tokens drawn per block when sampling (bounds memory).
+    chunk : at most this many tokens per sampling block (also capped at 2^24 / d, bounding memory).
 
     Returns
     -------
@@ -130,8 +130,9 @@ def synthetic_layer(
         root = u * np.sqrt(lam)  # x = root @ z, z ~ N(0, I)
         gram = np.zeros((d, d))
         done = 0
+        rows = max(1, min(chunk, 2**24 // d))  # ≤ 2^24 floats (128 MiB) per block
         while done < n:
-            m_rows = min(chunk, n - done)
+            m_rows = min(rows, n - done)
             x = rng.standard_normal((m_rows, d)) @ root.T
             gram += x.T @ x
             done += m_rows

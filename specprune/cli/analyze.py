@@ -10,7 +10,7 @@ import typer
 
 from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, ExcludeOpt, FormatOpt,
                      IncludeOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt, SeqLenOpt,
-                     TrustOpt, command, console)
+                     TrustOpt, check_early, command, console)
 
 EPILOG = """Examples:
 
@@ -56,6 +56,18 @@ def analyze_cmd(
     arch: ArchOpt = None,
     trust_remote_code: TrustOpt = False,
     device: DeviceOpt = "auto",
+    device_map: Annotated[Optional[str], typer.Option(
+        "--device-map", help="Dispatch a HF model larger than one device over GPUs/CPU with accelerate: "
+                             "auto | balanced | sequential (the model is then never moved).")] = None,
+    offload: Annotated[bool, typer.Option(
+        "--offload", help="Keep the float64 covariance accumulators in CPU memory (default: only when "
+                          "the up-front memory estimate says the GPU is short).")] = False,
+    solver: Annotated[str, typer.Option(
+        "--solver", help="Eigensolver: auto (randomized top-k for input widths ≥ 8192), full or "
+                         "randomized.")] = "auto",
+    top_k: Annotated[Optional[int], typer.Option(
+        "--top-k", help="Modes the randomized solver resolves per layer (default d/8, at least 256); "
+                        "the rest is one lumped tail.")] = None,
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     quiet: QuietOpt = False,
@@ -64,14 +76,16 @@ def analyze_cmd(
     """Hook every layer, stream the calibration data, and report each layer's spectrum, power-law
     fits (b, a) and learning frontier k*."""
     run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, exclude, arch,
-                trust_remote_code, device, overwrite, fmt, quiet)
+                trust_remote_code, device, overwrite, fmt, quiet,
+                scale={"device_map": device_map, "offload": True if offload else None, "solver": solver,
+                       "top_k": top_k})
 
 
 analyze_cmd = command(analyze_cmd)
 
 
 def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, exclude, arch, trust,
-                device, overwrite, fmt, quiet):
+                device, overwrite, fmt, quiet, scale: dict | None = None):
     from ..analysis import analyze
     from ..data import load_data
     from ..errors import InputError
@@ -79,17 +93,21 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
     from ..models import load_model
 
     ctx = Ctx(fmt, quiet)
+    check_early(device, include, exclude, samples=samples, seq_len=seq_len, batch_size=batch_size)
     if not data:
         raise InputError("analyze needs calibration data: --data FILE_OR_DIR")
     if out is not None:
         check_output_path(out, [*models, *data], overwrite)
+    scale = dict(scale or {})
+    device_map = scale.pop("device_map", None)
     results = []
     for i, m in enumerate(models):
-        loaded = load_model(m, arch=arch, trust_remote_code=trust)
+        loaded = load_model(m, arch=arch, trust_remote_code=trust, device_map=device_map)
         batches = load_data(data, loaded.tokenizer, samples=samples, seq_len=seq_len, batch_size=batch_size,
                             seed=seed)
         ctx.info(f"analysing {m}: {batches.samples} windows, {batches.tokens} tokens")
-        res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=str(m))
+        res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=str(m),
+                      log=ctx.info, **scale)
         results.append((m, res))
     docs = [r.to_dict() for _, r in results]
     from ..distributed import is_main

@@ -55,9 +55,26 @@ _mount_optional()
 def main() -> None:
     from ..distributed import init_from_env
 
+    _terminate_as_interrupt()
     _quiet_third_party()
     init_from_env()  # under torchrun: one process group, rank 0 writes
     app()
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (``kill``, a job scheduler's timeout) unwinds like Ctrl-C: temporary output
+    directories are removed, hooks and devices restored, and the error boundary prints one line
+    and exits 130. Without this, SIGTERM would end the process without running any cleanup."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
 
 
 def _quiet_third_party() -> None:

@@ -64,12 +64,16 @@ class Ctx:
         if not is_main():
             return
         if self.json:
-            sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n")
+            from ..io import finite
+
+            sys.stdout.write(json.dumps(finite(obj), indent=2, allow_nan=False, default=_json_default) + "\n")
             sys.stdout.flush()
         elif human is not None:
             human(obj)
         else:
-            console().print_json(json.dumps(obj, default=_json_default))
+            from ..io import finite
+
+            console().print_json(json.dumps(finite(obj), default=_json_default))
 
     def info(self, message: str) -> None:
         """A human status line on stderr (silent in json/quiet modes)."""
@@ -103,7 +107,8 @@ def fail(message: str, code: int = 1, debug: bool = False) -> None:
 
 def command(fn: Callable) -> Callable:
     """Error boundary for a CLI command: known errors → one line + exit 1 (3 for tolerance),
-    Ctrl-C → one line + exit 130, anything else → one line + exit 1; ``--debug`` adds the trace."""
+    Ctrl-C (and SIGTERM, see ``app.main``) → one line + exit 130, any other exception (a bug, an
+    unforeseen library error) → one line + exit 1; ``--debug`` adds the trace."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -116,7 +121,7 @@ def command(fn: Callable) -> Callable:
             fail(str(err), err.exit_code, debug)
         except KeyboardInterrupt:
             fail("interrupted; no partial output was written", 130, debug)
-        except (OSError, ValueError, RuntimeError, TypeError, KeyError, ImportError, MemoryError) as err:
+        except Exception as err:  # noqa: BLE001 - a bug or an unforeseen failure: still one line, exit 1
             fail(f"{type(err).__name__}: {err}", 1, debug)
 
     return wrapper
@@ -127,6 +132,22 @@ def parse_csv_ints(text: str, name: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SpecpruneError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def check_early(device: str | None = None, include=None, exclude=None, **positive: int) -> None:
+    """Options that would otherwise fail only after loading the model and the data: checked first.
+    ``positive``: ``samples=``, ``seq_len=``, ``batch_size=`` values that must be > 0."""
+    from ..errors import InputError
+    from ..layers import pattern_matches
+    from ..models import resolve_device
+
+    for name, value in positive.items():
+        if value is not None and value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if device is not None:
+        resolve_device(device)
+    for p in [*(include or []), *(exclude or [])]:
+        pattern_matches(p, "")
 
 
 def existing_path(p: str, what: str) -> Path:

@@ -9,8 +9,9 @@ import typer
 
 from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, EvalDataOpt, ExcludeOpt,
                      FormatOpt, IncludeOpt, MetricOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt,
-                     SeqLenOpt, ToleranceOpt, TrustOpt, command, console)
-from .recommend import BitsChoicesOpt, GroupSizeOpt, MethodsOpt, PruneMethodOpt, group_sizes_from, parse_methods
+                     SeqLenOpt, ToleranceOpt, TrustOpt, check_early, command, console)
+from .recommend import (BitsChoicesOpt, GroupSizeOpt, MethodsOpt, PruneMethodOpt, group_sizes_from,
+                        parse_bits_choices, parse_methods)
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Directory for the compressed model (must not exist "
                                       "unless --overwrite).")]
@@ -20,6 +21,25 @@ AnalysisOpt = Annotated[Optional[Path], typer.Option("--analysis", help="Analysi
 ExportOpt = Annotated[Optional[str], typer.Option("--export", help="'dense': also write a plain checkpoint "
                                                   "(dequantized, factors multiplied out).")]
 IgnoreFpOpt = Annotated[bool, typer.Option("--ignore-fingerprint", help="Apply a plan made for other weights.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="fake (specprune RTN, default) | torchao | another "
+                                         "installed quantize compressor")]
+
+
+def quantizer_for_backend(backend: str) -> str:
+    """The quantize compressor behind ``--backend`` (``fake`` = specprune's RTN fake-quant)."""
+    from .. import registry
+    from ..compress.apply import get_compressor
+    from ..errors import InputError
+
+    if backend in ("fake", "rtn"):
+        return "rtn"
+    if backend == "torchao" and "torchao" not in {p.name for p in registry.available("compressors")}:
+        raise InputError("--backend torchao needs the specprune-torchao plugin: pip install specprune-torchao "
+                         "(it installs torchao>=0.15,<0.19)")
+    comp = get_compressor(backend)
+    if getattr(comp, "kind", None) != "quantize":
+        raise InputError(f"--backend {backend!r} is a {getattr(comp, 'kind', '?')} method, not a quantizer")
+    return backend
 
 PRUNE_EPILOG = """Examples:
 
@@ -65,14 +85,15 @@ def _export_flag(export: str | None) -> bool:
 
 
 def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, data, analysis_dir, samples,
-                   seq_len, batch_size, seed, overwrite, export, ignore_fp, fmt, quiet, plan_path=None) -> None:
+                   seq_len, batch_size, seed, overwrite, export, ignore_fp, fmt, quiet, plan_path=None,
+                   quantizer: str = "rtn") -> None:
     """Load, build/validate the plan, apply it with the best covariance source, save atomically."""
     import time
 
     from ..analysis import Analysis
-    from ..compress.apply import apply_, plan_size
+    from ..compress.apply import apply_, get_compressor, plan_size
     from ..compress.saved import save_compressed
-    from ..errors import RefusedError
+    from ..errors import InputError, RefusedError
     from ..io import check_output_path, output_dir
     from ..models import fingerprint, load_model
     from ..pipeline import DataSpec
@@ -82,6 +103,9 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     inputs = [model_arg, *(data or []), *([analysis_dir] if analysis_dir else []),
               *([plan_path] if plan_path else [])]
     check_output_path(out, inputs, overwrite)
+    for d in data or []:  # a mistyped path is an error even when this plan needs no calibration data
+        if not Path(d).exists():
+            raise InputError(f"data not found: {d}")
     dense = _export_flag(export)
     loaded = load_model(model_arg, arch=arch, trust_remote_code=trust)
     plan = plan_or_builder(loaded) if callable(plan_or_builder) else plan_or_builder
@@ -93,12 +117,14 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     plan.model["fingerprint"] = plan.model.get("fingerprint") or fp
     analysis = Analysis.load(analysis_dir) if analysis_dir else None
     batches = None
-    if analysis is None and data:
+    needs_cov = any(lp.method is not None and getattr(get_compressor(lp.method), "needs_covariance", False)
+                    for lp in plan.layers.values())
+    if analysis is None and data and needs_cov:
         batches = DataSpec(data, None, samples, seq_len, batch_size, seed).calibration(loaded.tokenizer)
-    info = apply_(loaded.model, plan, analysis=analysis, data=batches)
-    covariance = "analysis" if analysis is not None else ("data" if batches is not None else "identity")
-    if isinstance(info, dict) and info.get("covariance"):
-        covariance = info["covariance"]
+    apply_(loaded.model, plan, analysis=analysis, data=batches, quantizer=quantizer)
+    covariance = (plan.details.get("applied") or {}).get("covariance", "none")
+    if quantizer != "rtn":
+        plan.details["quantizer"] = quantizer
     plan.size = plan_size(loaded.model, plan) if not plan.size else plan.size
     with output_dir(out, inputs, overwrite) as tmp:
         save_compressed(loaded.model, plan, tmp, source=loaded, export_dense=dense)
@@ -138,6 +164,7 @@ def prune_cmd(
     from ..errors import InputError
     from ..plan import Plan
 
+    check_early(None, include, exclude, samples=samples, seq_len=seq_len, batch_size=batch_size)
     if (rate is None) == (plan is None):
         raise InputError("give exactly one of --rate R or --plan PLAN")
     if plan is not None:
@@ -159,6 +186,7 @@ def quantize_cmd(
     plan: PlanOpt = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Columns per scale "
                                                       "(default: one scale per output channel).")] = None,
+    backend: BackendOpt = "fake",
     include: IncludeOpt = None, exclude: ExcludeOpt = None, arch: ArchOpt = None,
     trust_remote_code: TrustOpt = False, export: ExportOpt = None, ignore_fingerprint: IgnoreFpOpt = False,
     overwrite: OverwriteOpt = False, fmt: FormatOpt = OutputFormat.human, quiet: QuietOpt = False,
@@ -168,6 +196,7 @@ def quantize_cmd(
     from ..errors import InputError
     from ..plan import Plan
 
+    check_early(None, include, exclude)
     if (bits is None) == (plan is None):
         raise InputError("give exactly one of --bits B or --plan PLAN")
     if plan is not None:
@@ -178,9 +207,10 @@ def quantize_cmd(
         if group_size is not None and group_size <= 0:
             raise InputError(f"--group-size must be positive, got {group_size}")
         p = _uniform_builder(include, exclude, bits=bits, group_size=group_size)
+    q = quantizer_for_backend(backend)
     apply_and_save(model, p, out, arch=arch, trust=trust_remote_code, data=None, analysis_dir=None, samples=128,
                    seq_len=128, batch_size=8, seed=0, overwrite=overwrite, export=export,
-                   ignore_fp=ignore_fingerprint, fmt=fmt, quiet=quiet, plan_path=plan)
+                   ignore_fp=ignore_fingerprint, fmt=fmt, quiet=quiet, plan_path=plan, quantizer=q)
 
 
 def apply_cmd(
@@ -197,6 +227,7 @@ def apply_cmd(
     """Apply a plan's pruning and quantization and save the result."""
     from ..plan import Plan
 
+    check_early(None, samples=samples, seq_len=seq_len, batch_size=batch_size)
     apply_and_save(model, Plan.load(plan), out, arch=arch, trust=trust_remote_code, data=data,
                    analysis_dir=analysis, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                    overwrite=overwrite, export=export, ignore_fp=ignore_fingerprint, fmt=fmt, quiet=quiet,
@@ -237,15 +268,16 @@ def compress_cmd(
     from ..errors import InputError, ToleranceExceeded
     from ..models import load_model
     from ..pipeline import DataSpec, compress
-    from .common import parse_csv_ints
 
     ctx = Ctx(fmt, quiet)
-    if not tolerance > 0:
-        raise InputError(f"--tolerance must be > 0, got {tolerance}")
+    check_early(device, include, exclude, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    if not 0 < tolerance < float("inf"):
+        raise InputError(f"--tolerance must be a positive finite number (0.02 = 2%), got {tolerance}")
     if prune_method not in ("whitened", "spectral"):
         raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
     ms = parse_methods(methods)
-    bits = parse_csv_ints(bits_choices, "--bits-choices")
+    bits = parse_bits_choices(bits_choices)
+    group_sizes = group_sizes_from(group_size)
     spec = DataSpec(data, eval_data, samples, seq_len, batch_size, seed)
     inputs = [model, *spec.inputs()]
     from ..io import check_output_path
@@ -255,7 +287,7 @@ def compress_cmd(
     loaded = load_model(model, arch=arch, trust_remote_code=trust_remote_code)
     try:
         doc = compress(loaded, spec, tolerance, out, include=include, exclude=exclude, device=device,
-                       metric=metric, methods=ms, bits_choices=bits, group_sizes=group_sizes_from(group_size),
+                       metric=metric, methods=ms, bits_choices=bits, group_sizes=group_sizes,
                        prune_method=prune_method, overwrite=overwrite, export_dense=dense, inputs=inputs,
                        log=ctx.info)
     except ToleranceExceeded as err:

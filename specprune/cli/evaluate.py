@@ -9,7 +9,7 @@ import typer
 
 from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, EvalDataOpt, FormatOpt,
                      MetricOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt, SeqLenOpt, TrustOpt,
-                     command, console)
+                     check_early, command, console)
 
 EPILOG = """Examples:
 
@@ -61,11 +61,13 @@ def evaluate_cmd(
     from ..plan import Plan
 
     ctx = Ctx(fmt, quiet)
+    check_early(device, samples=samples, seq_len=seq_len, batch_size=batch_size)
     t0 = time.perf_counter()
     inputs = [model, *(data or []), *(eval_data or []), *([reference] if reference else []),
               *([plan] if plan else [])]
     out_file = None
     if out is not None:
+        check_output_path(out, inputs, overwrite)  # the contract: an existing --out needs --overwrite
         out_file = Path(out) / "evaluation.json" if (Path(out).is_dir() or not Path(out).suffix) else Path(out)
         check_output_path(out_file, inputs, overwrite)
     loaded = load_model(model, arch=arch, trust_remote_code=trust_remote_code)

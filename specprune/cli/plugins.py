@@ -7,7 +7,7 @@ an error naming both (exit 1), as everywhere else.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,7 +22,7 @@ EPILOG = """Examples:
   specprune plugins --check
 """
 
-KindOpt = Annotated[Optional[list[str]], typer.Option(
+KindOpt = Annotated[list[str] | None, typer.Option(
     "--kind", help="Only these kinds: evolution, compressors, adapters, metrics (repeatable).")]
 CheckOpt = Annotated[bool, typer.Option("--check", help="Import every plugin and report whether it loads.")]
 
@@ -31,7 +31,7 @@ def plugin_rows(kinds: list[str] | None = None, check: bool = False) -> list[dic
     """One dict per discovered plugin, ordered by kind (registry order) then name:
     ``{kind, name, package, version, value, builtin}``, plus ``loaded`` and ``error`` with ``check``."""
     from .. import registry
-    from ..errors import InputError
+    from ..errors import InputError, SpecpruneError
 
     wanted = list(registry.KINDS) if not kinds else list(dict.fromkeys(kinds))
     unknown = [k for k in wanted if k not in registry.KINDS]
@@ -50,7 +50,7 @@ def plugin_rows(kinds: list[str] | None = None, check: bool = False) -> list[dic
                 try:
                     registry.get(kind, info.name)
                     row.update(loaded=True, error=None)
-                except Exception as err:  # report every failure, keep listing the rest
+                except SpecpruneError as err:  # the registry wraps any import failure; keep listing
                     row.update(loaded=False, error=str(err))
             rows.append(row)
     return rows
@@ -69,7 +69,8 @@ def render_plugins(rows: list[dict]) -> None:
     if checked:
         t.add_column("loads")
     for r in rows:
-        cells = [r["kind"], r["name"], r["package"], r["version"], r["value"], "yes" if r["builtin"] else "no"]
+        cells = [r["kind"], r["name"], r["package"], r["version"], r["value"],
+                 "yes" if r["builtin"] else "no"]
         if checked:
             cells.append("ok" if r["loaded"] else f"[red]{r['error']}[/red]")
         t.add_row(*cells)

@@ -9,7 +9,7 @@ import typer
 
 from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, ExcludeOpt, FormatOpt,
                      IncludeOpt, MetricOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt, SeqLenOpt,
-                     ToleranceOpt, TrustOpt, command, console, parse_csv_ints)
+                     ToleranceOpt, TrustOpt, check_early, command, console, parse_csv_ints)
 
 EPILOG = """Examples:
 
@@ -33,6 +33,17 @@ def parse_methods(text: str) -> tuple[str, ...]:
     if bad or not ms:
         raise InputError(f"--methods takes prune, quantize or prune,quantize; got {text!r}")
     return ms
+
+
+def parse_bits_choices(text: str) -> list[int]:
+    """``--bits-choices``: checked before any work is done (2..8, at least one)."""
+    from ..errors import InputError
+
+    bits = parse_csv_ints(text, "--bits-choices")
+    bad = [b for b in bits if not 2 <= b <= 8]
+    if bad or not bits:
+        raise InputError(f"--bits-choices takes integers in 2..8, got {text!r}")
+    return bits
 
 
 def group_sizes_from(opt: int | None) -> tuple:
@@ -95,21 +106,27 @@ def recommend_cmd(
     from ..recommender import recommend
 
     ctx = Ctx(fmt, quiet)
-    if not tolerance > 0:
-        raise InputError(f"--tolerance must be > 0, got {tolerance}")
+    check_early(device, include, exclude, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    if not 0 < tolerance < float("inf"):
+        raise InputError(f"--tolerance must be a positive finite number (0.02 = 2%), got {tolerance}")
     if prune_method not in ("whitened", "spectral"):
         raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
     ms = parse_methods(methods)
-    bits = parse_csv_ints(bits_choices, "--bits-choices")
+    bits = parse_bits_choices(bits_choices)
+    group_sizes = group_sizes_from(group_size)
     spec = DataSpec(data, None, samples, seq_len, batch_size, seed)
     inputs = [target, *(data or [])]
     if out is not None:
         check_output_path(out, inputs, overwrite)
     analysis, loaded = analysis_or_model(target, arch, trust_remote_code, include, exclude, device, spec,
                                          ctx.info)
+    if loaded.source != str(target):  # an analysis directory: its source model is an input too
+        inputs.append(loaded.source)
+        if out is not None:
+            check_output_path(out, inputs, overwrite)
     calib = spec.calibration(loaded.tokenizer) if data else None
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=ms, bits_choices=bits,
-                     group_sizes=group_sizes_from(group_size), prune_method=prune_method,
+                     group_sizes=group_sizes, prune_method=prune_method,
                      source=loaded.source, seed=seed)
     from ..distributed import is_main
 

@@ -13,13 +13,14 @@ EPILOG = """Examples:
 
   specprune report analysis/ --out analysis-report/
 
-  specprune report compressed/                       # writes compressed-report/
+  specprune report compressed/          (writes compressed-report/)
 
-  specprune report series/ plan.json evaluation.json --out report/ --format json
+  specprune report series/ plan.json --out report/ --format json
 
-Reads analysis.json (+ spectra), series.json, plan.json, evaluation.json and sweep.json from each DIR
-and its sub-directories; writes PNG figures, report.html (self-contained) and report.md. Inputs are
-never modified: the default --out is a new sibling folder <DIR>-report.
+Reads analysis.json (+ spectra), series.json, plan.json, evaluation.json
+and sweep.json from each DIR and two levels of its sub-directories.
+Writes PNG figures, report.html (self-contained) and report.md.
+Inputs are never modified: the default --out is <DIR>-report beside DIR.
 """
 
 
@@ -69,7 +70,6 @@ def report_cmd(
     if max_spectra < 1:
         raise InputError(f"--max-spectra must be ≥ 1, got {max_spectra}")
     target = out if out is not None else default_out(dirs[0])
-    ctx.info(f"writing the report for {', '.join(dirs)}")
     doc = write_report(dirs, target, overwrite=overwrite, max_spectra=max_spectra)
     if quiet and not ctx.json:
         typer.echo(doc["report"])

@@ -36,7 +36,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ from ..layers import ConvAdapter, HFConv1DAdapter, LinearAdapter, adapter_for
 from .pack import pack_codes, unpack_codes
 from .prune import Factorized
 from .quantize import QUANT_ATTR, QuantizedWeight, QuantRecord, codes_with_scales, quantize_weight
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 SAVED_FORMAT = 1
 SPEC_FILE = "specprune.json"
@@ -408,7 +411,7 @@ def _unpacked_state(spec: dict, raw: dict[str, torch.Tensor], where: Path) -> di
     return sd
 
 
-def load_saved(path: str | Path, arch: str | Callable[[], nn.Module] | None = None):
+def load_saved(path: str | Path, arch: str | Callable[[], nn.Module] | None = None) -> LoadedModel:
     """Read a directory written by :func:`save_compressed` into a
     :class:`~specprune.models.LoadedModel` of kind ``"specprune"`` (module in eval mode, on CPU)."""
     from ..models import LoadedModel, load_tokenizer, read_state_dict

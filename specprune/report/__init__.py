@@ -14,7 +14,7 @@ Nothing here is imported by ``import specprune``.
 
 from __future__ import annotations
 
-__all__ = ["collect", "write_report", "ReportInputs", "figures"]
+__all__ = ["ReportInputs", "collect", "figures", "write_report"]
 
 
 def __getattr__(name: str):  # lazy: importing the package does not import matplotlib

@@ -26,9 +26,10 @@ import html
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import InputError
 
@@ -430,9 +431,9 @@ class _Builder:
                  ("calibrated", "yes — sensitivities measured on the calibration data" if plan.get("calibrated")
                   else "no — layer-local estimate")]
         if size:
-            items.append(("size", f"{_mb(size.get('bits_before'))} → {_mb(size.get('bits_after'))} "
+            items.append(("size", (f"{_mb(size.get('bits_before'))} → {_mb(size.get('bits_after'))} "
                                   f"({size.get('bits_after', 0) / max(size.get('bits_before', 1), 1):.1%}); "
-                                  f"parameters {size.get('params_before', 0):,} → {size.get('params_after', 0):,}"))
+                                  f"parameters {size.get('params_before', 0):,} → {size.get('params_after', 0):,}")))
         d.items(items)
         n_fact = sum(1 for lp in layers.values() if lp.get("rank") is not None)
         n_q = sum(1 for lp in layers.values() if lp.get("bits") is not None)
@@ -443,8 +444,8 @@ class _Builder:
         hist = ", ".join(f"{n}×int{b}" for b, n in sorted(bits_hist.items()))
         det = plan.get("details") or {}
         cmap = det.get("calibration_map") or {}
-        why = [f"Of {len(layers)} layers, {n_q} are quantized ({hist or 'none'}) and {n_fact} are factorized to a "
-               "lower rank; the rest are kept."]
+        why = [(f"Of {len(layers)} layers, {n_q} are quantized ({hist or 'none'}) and {n_fact} are factorized to a "
+               "lower rank; the rest are kept.")]
         if plan.get("calibrated") and cmap:
             why.append(f"Each candidate's layer distortion tr(ΔW Σ ΔWᵀ) is exact from the layer's input covariance; "
                        f"per-layer sensitivities measured by noise injection turn it into a metric change, and a map "

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,17 +43,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
 __all__ = [
-    "LayerView", "layer_views", "split_block", "predicted_pruning_curve", "uniform_truncation_raw",
-    "spectrum_figure", "spectra_figure", "mode_energy_figure", "pruning_curve_figure", "bits_figure",
-    "predicted_vs_measured_figure", "layer_map_figure", "series_figure", "select_layers_for_spectra",
+    "LayerView",
+    "bits_figure",
+    "layer_map_figure",
+    "layer_views",
+    "mode_energy_figure",
+    "predicted_pruning_curve",
+    "predicted_vs_measured_figure",
+    "pruning_curve_figure",
     "save_figure",
+    "select_layers_for_spectra",
+    "series_figure",
+    "spectra_figure",
+    "spectrum_figure",
+    "split_block",
+    "uniform_truncation_raw",
 ]
 
 BLUE, ORANGE, RED, GREEN, GREY = "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c", "0.55"
 
 
 # ------------------------------------------------------------------------------------------ plumbing
-def _figure(figsize: tuple[float, float]) -> "Figure":
+def _figure(figsize: tuple[float, float]) -> Figure:
     """A new figure on the headless Agg canvas (no pyplot, no global backend change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -62,14 +74,14 @@ def _figure(figsize: tuple[float, float]) -> "Figure":
     return fig
 
 
-def _axes(ax: "Axes | None", figsize: tuple[float, float] = (6.4, 4.2)) -> tuple["Figure", "Axes"]:
+def _axes(ax: Axes | None, figsize: tuple[float, float] = (6.4, 4.2)) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax
     fig = _figure(figsize)
     return fig, fig.add_subplot()
 
 
-def save_figure(fig: "Figure", path) -> None:
+def save_figure(fig: Figure, path) -> None:
     """Write ``fig`` as PNG (Agg, 110 dpi, no timestamp metadata so reruns give the same bytes)."""
     fig.savefig(str(path), format="png", dpi=110, metadata={"Software": None})
 
@@ -154,7 +166,7 @@ def _fmt(v: Any, spec: str = ".3g", none: str = "–") -> str:
 
 
 # ------------------------------------------------------------------------------------- per layer
-def spectrum_figure(layer: Any, ax: "Axes | None" = None) -> "Figure":
+def spectrum_figure(layer: Any, ax: Axes | None = None) -> Figure:
     """One layer's spectrum on log-log axes: eigenvalues λ_k and mode energies e_k (each as a share
     of its total, so both fit one axis), the fitted power laws k^−b and k^−a drawn over their fit
     ranges, and k* (vertical line, gid ``k_star``) with its uncertainty range shaded."""
@@ -219,7 +231,7 @@ def select_layers_for_spectra(views: Sequence[LayerView], max_layers: int = 9) -
 
 
 def spectra_figure(analysis: Any, layers: Iterable[str] | None = None, max_layers: int = 9,
-                   ncols: int = 3) -> "Figure":
+                   ncols: int = 3) -> Figure:
     """A grid of :func:`spectrum_figure` panels for ``layers`` (names) or representative layers."""
     views = layer_views(analysis)
     if layers is not None:
@@ -243,7 +255,7 @@ def spectra_figure(analysis: Any, layers: Iterable[str] | None = None, max_layer
     return fig
 
 
-def mode_energy_figure(analysis: Any, ax: "Axes | None" = None) -> "Figure":
+def mode_energy_figure(analysis: Any, ax: Axes | None = None) -> Figure:
     """Cumulative share of each layer's output energy E‖Wx‖² carried by its top-k input modes,
     1 − Σ_{k'>k} e_k' / Σ e, against k/k_max (log x); one line per layer (gid ``layer``), coloured
     by depth, and a marker at each layer's k* (gid ``k_star``)."""
@@ -297,26 +309,32 @@ def _calibration(plan: Any) -> tuple[dict[str, dict], dict] | None:
     return sens, cmap
 
 
+def sensitivity_delta(sens: dict, distortion: float, kind: str = "prune") -> float:
+    """A layer's measured response to a weight change of output-energy distortion D (the recommender's
+    :class:`~specprune.sensitivity.LayerSensitivity` as saved in a plan): s·D^p, with s the pruning
+    sensitivity for ``kind == "prune"`` (the quantization one when absent) and p its ``power`` (1 if absent)."""
+    if distortion <= 0:
+        return 0.0
+    s = sens.get("prune") if kind == "prune" and sens.get("prune") is not None else sens.get("quant", 0.0)
+    return float(s) * float(distortion) ** float(sens.get("power", 1.0) or 1.0)
+
+
 def uniform_truncation_raw(views: Sequence[LayerView], keep_fraction: float,
                            sensitivities: dict[str, dict] | None = None) -> tuple[float, float]:
-    """Keep the top ⌈f·k_max⌉ input modes of every layer (spectral truncation, f = ``keep_fraction``):
-    returns (Σ_l s_l D_l, Σ_l E_l) with D_l = Σ_{k>k_l} e_k the exact output-energy loss and E_l = Σ e_k.
-    Without ``sensitivities`` s_l = 1; with them only the layers listed are counted (pruning
-    sensitivity, else the quantization one, as the recommender does)."""
+    """Keep the top round(f·k_max) input modes of every layer (spectral truncation, f = ``keep_fraction``):
+    returns (Σ_l δ_l(D_l), Σ_l E_l) with D_l = Σ_{k>k_l} e_k the exact output-energy loss, E_l = Σ e_k and
+    δ_l = :func:`sensitivity_delta`. Without ``sensitivities`` δ_l(D) = D; with them only the layers
+    listed are counted."""
     num = den = 0.0
     for v in views:
         if v.mode_energy is None:
             continue
-        if sensitivities is not None:
-            s = sensitivities.get(v.name)
-            if s is None:
-                continue
-            coef = s.get("prune") if s.get("prune") is not None else s.get("quant", 0.0)
-        else:
-            coef = 1.0
+        if sensitivities is not None and v.name not in sensitivities:
+            continue
         e = np.clip(v.mode_energy, 0.0, None)
         k = int(min(e.size, max(0, round(keep_fraction * v.k_max))))
-        num += float(coef) * float(e[k:].sum())
+        d = float(e[k:].sum())
+        num += sensitivity_delta(sensitivities[v.name], d, "prune") if sensitivities is not None else d
         den += float(e.sum())
     return num, den
 
@@ -325,8 +343,8 @@ def predicted_pruning_curve(analysis: Any, plan: Any = None, keep: Sequence[floa
                             points: int = 60) -> dict:
     """The predicted relative metric increase δ of truncating every layer to its top f·k_max modes.
 
-    Calibrated (a plan whose ``details`` hold measured sensitivities s_l and the map δ ≈ c·P^p with
-    spread σ): δ(f) = c·(Σ_l s_l D_l(f))^p, band δ·e^{±σ}. Otherwise the layer-local estimate
+    Calibrated (a plan whose ``details`` hold measured layer responses δ_l(D) = s_l·D^{p_l} and the map
+    δ ≈ c·P^p with spread σ): δ(f) = c·(Σ_l δ_l(D_l(f)))^p, band δ·e^{±σ}. Otherwise the layer-local estimate
     δ(f) = Σ_l D_l(f) / Σ_l E_l (share of output energy removed), without a band.
     Returns ``{"keep_fraction", "delta", "lo", "hi", "calibrated", "label"}`` (numpy arrays)."""
     views = [v for v in layer_views(analysis) if v.mode_energy is not None]
@@ -355,7 +373,7 @@ def _sweep_points(sweep: Any, kind: str) -> list[dict]:
     return [p for p in doc.get("points", []) if p.get("kind") == kind]
 
 
-def pruning_curve_figure(analysis: Any, plan: Any = None, sweep: Any = None, ax: "Axes | None" = None) -> "Figure":
+def pruning_curve_figure(analysis: Any, plan: Any = None, sweep: Any = None, ax: Axes | None = None) -> Figure:
     """The predicted pruning curve 1 + δ against the kept fraction of modes k/k_max (log-log), with its
     three phases annotated — plateau (k ≫ k*: nothing learned is removed), power law, saturation
     (k → 0: everything removed) — the median frontier k*/k_max (gid ``k_star``) and measured uniform
@@ -423,7 +441,7 @@ def _calibration_bit_points(plan: Any) -> list[dict]:
     return out
 
 
-def bits_figure(sweep: Any = None, plan: Any = None, ax: "Axes | None" = None) -> "Figure":
+def bits_figure(sweep: Any = None, plan: Any = None, ax: Axes | None = None) -> Figure:
     """Predicted δ (line with uncertainty band, gid ``predicted``) and measured δ (markers, gid
     ``measured``) of uniform per-channel round-to-nearest quantization at each bit-width, on a log y
     axis. Data: a sweep's ``kind == "bits"`` points, else the calibration points stored in a
@@ -437,19 +455,26 @@ def bits_figure(sweep: Any = None, plan: Any = None, ax: "Axes | None" = None) -
     if not pts:
         raise ValueError("no bit-width predictions: needs a sweep with bits points or a calibrated plan")
     fig, ax = _axes(ax, (6.4, 4.2))
-    pred = sorted((p for p in pts if p.get("predicted_delta") is not None), key=lambda p: p["bits"])
+    pred = sorted((p for p in pts if p.get("predicted_delta") is not None and p["predicted_delta"] > 0),
+                  key=lambda p: p["bits"])
     if pred:
         b = np.array([p["bits"] for p in pred], dtype=np.float64)
-        y = np.array([max(p["predicted_delta"], 1e-12) for p in pred])
+        y = np.array([p["predicted_delta"] for p in pred])
         u = np.array([p.get("predicted_delta_uncertainty") or 0.0 for p in pred])
         ax.plot(b, y, "-o", color=BLUE, ms=4, lw=1.8, gid="predicted", label="predicted")
         if np.any(u > 0):
             ax.fill_between(b, np.clip(y - u, y * 0.05, None), y + u, color=BLUE, alpha=0.15, lw=0,
                             label="predicted ± stated uncertainty")
     meas = sorted((p for p in pts if p.get("measured_delta") is not None), key=lambda p: p["bits"])
-    if meas:
-        ax.plot([p["bits"] for p in meas], [max(p["measured_delta"], 1e-12) for p in meas], "s", ms=8,
+    shown = [p for p in meas if p["measured_delta"] > 0]
+    if shown:
+        ax.plot([p["bits"] for p in shown], [p["measured_delta"] for p in shown], "s", ms=8,
                 color=ORANGE, mec="k", gid="measured", label=f"measured ({source})")
+    hidden = [p for p in meas if p["measured_delta"] <= 0]
+    if hidden:  # a metric can improve slightly (noise); a log axis cannot show it
+        ax.text(0.02, 0.02, "measured δ ≤ 0, not on the log axis: " + ", ".join(
+            f"int{p['bits']} ({p['measured_delta']:.2g})" for p in hidden), transform=ax.transAxes, fontsize=7,
+            color="0.3", gid="nonpositive")
     tol = (_as_dict(plan) or {}).get("tolerance")
     if tol:
         ax.axhline(float(tol), color=RED, ls=":", lw=1.2, gid="tolerance", label=f"tolerance {float(tol):g}")
@@ -462,7 +487,7 @@ def bits_figure(sweep: Any = None, plan: Any = None, ax: "Axes | None" = None) -
     return fig
 
 
-def predicted_vs_measured_figure(points: Sequence[dict], ax: "Axes | None" = None) -> "Figure":
+def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None) -> Figure:
     """Each ``{"label", "predicted", "uncertainty", "measured", "kind"}`` point as a marker with its
     stated uncertainty as a horizontal error bar, on log-log axes with the line y = x (gid
     ``identity``). The title counts the points whose measurement lies within predicted ± uncertainty."""
@@ -520,7 +545,7 @@ def _grid(names: Sequence[str]) -> tuple[list[str], list[str], dict[str, tuple[i
     return rows, cols, cell
 
 
-def layer_map_figure(plan: Any, analysis: Any = None) -> "Figure":
+def layer_map_figure(plan: Any, analysis: Any = None) -> Figure:
     """The plan as maps over (block × role): fraction of weights removed, bits (blank = kept in its
     dtype), and — with an analysis — the frontier bound r* = 1 − k*/k_max. Each cell is annotated
     with its value (texts have gid ``cell``)."""
@@ -601,7 +626,7 @@ def series_slope(steps: np.ndarray, k_star: np.ndarray) -> float | None:
     return float(np.polyfit(np.log(steps[ok]), np.log(k_star[ok]), 1)[0])
 
 
-def series_figure(series: Sequence[dict]) -> "Figure":
+def series_figure(series: Sequence[dict]) -> Figure:
     """k*, b and a against training step for ``series`` = ``[{"step": int, "analysis": Analysis|dict}]``:
     the median over layers (markers, gid ``measured``) with the interquartile range shaded. On the k*
     panel (log-log) the least-squares slope of median k* is drawn (gid ``fit``) beside the theory's

@@ -7,6 +7,7 @@ tiny BERT on generated text plus the demo's sweep of uniform settings."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
 import re
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tree_hash
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -43,7 +43,7 @@ def synthetic_series() -> list[dict]:
     out = []
     for k in (6, 12, 24, 48):
         layers = [synthetic_layer_dict(k, f"blocks.{i}.fc", seed=i + 1) for i in range(2)]
-        out.append({"step": int(round(time_for_frontier(k, B_TRUE))), "model": f"ckpt-{k}",
+        out.append({"step": round(time_for_frontier(k, B_TRUE)), "model": f"ckpt-{k}",
                     "analysis": {"layers": layers}})
     return out
 
@@ -56,7 +56,14 @@ def frontier_layer(synthetic_series) -> dict:
 
 
 @pytest.fixture(scope="module")
-def compressed(tmp_path_factory, tiny_dirs, small_text_file):
+def short_text(tmp_path_factory) -> Path:
+    from specprune.textgen import write_text
+
+    return write_text(tmp_path_factory.mktemp("short") / "short.txt", max_words=3000)
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, tiny_dirs, short_text):
     """A real ``compress`` output of tiny BERT (analysis/, plan.json, evaluation.json) and the demo's
     sweep (sweep/sweep.json) measured on the same held-apart windows."""
     from specprune.demo import DemoSettings, run_sweep
@@ -66,9 +73,9 @@ def compressed(tmp_path_factory, tiny_dirs, small_text_file):
 
     root = tmp_path_factory.mktemp("report-inputs")
     src = str(tiny_dirs["bert"])
-    spec = DataSpec([str(small_text_file)], None, 16, 32, 8, 0)
+    spec = DataSpec([str(short_text)], None, 16, 32, 8, 0)
     out = root / "compressed"
-    compress(load_model(src), spec, 0.05, out, inputs=[src, str(small_text_file)])
+    compress(load_model(src), spec, 0.05, out, inputs=[src, str(short_text)])
     settings = DemoSettings.make(0.05, fast=True)
     sweep = run_sweep(src, out / "analysis", out / "plan.json", spec, settings)
     (root / "sweep").mkdir()
@@ -192,7 +199,7 @@ def test_pruning_curve_uncalibrated_is_the_energy_tail(analysis):
 
     curve = predicted_pruning_curve(analysis, keep=[1.0, 0.5, 0.1])
     e = [np.clip(lay.mode_energy, 0, None) for lay in analysis.layers]
-    k = [int(round(0.5 * lay.k_max)) for lay in analysis.layers]
+    k = [round(0.5 * lay.k_max) for lay in analysis.layers]
     expect = sum(x[kk:].sum() for x, kk in zip(e, k)) / sum(x.sum() for x in e)
     assert curve["delta"][0] == 0.0 and curve["delta"][1] == pytest.approx(expect)
     assert curve["delta"][2] > curve["delta"][1] and not curve["calibrated"]
@@ -204,13 +211,17 @@ def test_pruning_curve_uncalibrated_is_the_energy_tail(analysis):
 
 
 def test_pruning_curve_calibrated_with_measured_points(analysis, plan_doc, compressed):
-    from specprune.report.figures import predicted_pruning_curve, pruning_curve_figure, uniform_truncation_raw
+    from specprune.report.figures import predicted_pruning_curve, pruning_curve_figure
 
     cm = plan_doc["details"]["calibration_map"]
+    sens = plan_doc["details"]["sensitivities"]
     curve = predicted_pruning_curve(analysis, plan_doc, keep=[0.5])
-    raw, _ = uniform_truncation_raw(
-        __import__("specprune.report.figures", fromlist=["x"]).layer_views(analysis), 0.5,
-        plan_doc["details"]["sensitivities"])
+    raw = 0.0  # the recommender's response model, δ_l = s_l·D_l^p_l, summed over the planned layers
+    for lay in analysis.layers:
+        s = sens[lay.name]
+        d = float(np.clip(lay.mode_energy, 0, None)[round(0.5 * lay.k_max):].sum())
+        coef = s["prune"] if s.get("prune") is not None else s["quant"]
+        raw += coef * d ** s.get("power", 1.0) if d > 0 else 0.0
     assert curve["calibrated"]
     assert curve["delta"][0] == pytest.approx(cm["c"] * raw ** cm["p"])
     assert curve["hi"][0] / curve["delta"][0] == pytest.approx(math.exp(cm["sigma"]))
@@ -230,7 +241,7 @@ def test_sweep_is_predicted_and_measured(compressed):
     assert set(bits) == set(s.sweep_bits_predicted) | set(s.sweep_bits_measured)
     assert all(bits[b]["measured_delta"] is not None for b in s.sweep_bits_measured)
     preds = [bits[b]["predicted_delta"] for b in sorted(bits)]
-    assert all(x > y for x, y in zip(preds, preds[1:])), "more bits must predict a smaller delta"
+    assert all(x > y for x, y in itertools.pairwise(preds)), "more bits must predict a smaller delta"
     assert bits[4]["measured_delta"] > bits[8]["measured_delta"] > 0
     for p in sweep["points"]:
         if p["measured_delta"] is not None:  # the calibrated prediction is the right order of magnitude
@@ -252,6 +263,21 @@ def test_bits_figure_from_sweep(compressed, plan_doc):
     (tol,) = _gid(ax, "tolerance")
     assert tol.get_ydata()[0] == pytest.approx(plan_doc["tolerance"])
     assert ax.get_yscale() == "log" and "bits" in ax.get_xlabel()
+
+
+def test_bits_figure_reports_nonpositive_measurements():
+    from specprune.report.figures import bits_figure
+
+    sweep = {"points": [
+        {"kind": "bits", "bits": 8, "predicted_delta": 1e-4, "predicted_delta_uncertainty": 1e-5, "measured_delta": -2e-5},
+        {"kind": "bits", "bits": 4, "predicted_delta": 1e-2, "predicted_delta_uncertainty": 1e-3, "measured_delta": 0.012},
+    ]}
+    ax = bits_figure(sweep).axes[0]
+    (meas,) = _gid(ax, "measured")
+    assert list(meas.get_xdata()) == [4] and list(meas.get_ydata()) == [0.012]
+    (note,) = _gid(ax, "nonpositive")
+    assert "int8" in note.get_text()
+    assert not _gid(ax, "tolerance"), "no plan, no tolerance line"
 
 
 def test_bits_figure_falls_back_to_calibration_points(plan_doc):
@@ -397,13 +423,22 @@ def test_collect_finds_inputs_and_rejects_empty(compressed, tmp_path):
         collect([bad])
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "specprune", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+class _Result:
+    def __init__(self, res):
+        self.returncode, self.stdout, self.stderr = res.exit_code, res.stdout, res.stderr
+
+
+def _cli(*args) -> _Result:
+    """The CLI in-process (click's runner keeps stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    from specprune.cli.app import app
+
+    return _Result(CliRunner().invoke(app, [str(a) for a in args]))
 
 
 @pytest.fixture(scope="module")
-def series_dir(tmp_path_factory, tokenizer, small_text_file) -> Path:
+def series_dir(tmp_path_factory, tokenizer, short_text) -> Path:
     """``specprune analyze ckpt-5 ckpt-40 ckpt-200 --out series``: checkpoints of a real (tiny) training run."""
     import torch
 
@@ -411,7 +446,7 @@ def series_dir(tmp_path_factory, tokenizer, small_text_file) -> Path:
 
     root = tmp_path_factory.mktemp("series")
     model = tiny_model("llama", vocab_size=len(tokenizer), hidden=32, layers=1)
-    ids = tokenizer(small_text_file.read_text()[:40000], add_special_tokens=False)["input_ids"]
+    ids = tokenizer(short_text.read_text(), add_special_tokens=False)["input_ids"]
     data = torch.tensor(ids[: len(ids) // 32 * 32]).reshape(-1, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -428,8 +463,8 @@ def series_dir(tmp_path_factory, tokenizer, small_text_file) -> Path:
             model.save_pretrained(str(d))
             tokenizer.save_pretrained(str(d))
             ckpts.append(d)
-    r = _cli("analyze", *ckpts, "--data", small_text_file, "--samples", 16, "--seq-len", 32, "--out",
-             root / "series", "--format", "json")
+    r = _cli("analyze", *ckpts, "--data", short_text, "--samples", 16, "--seq-len", 32, "--include", "q_proj",
+             "--include", "down_proj", "--out", root / "series", "--format", "json")
     assert r.returncode == 0, r.stderr
     return root / "series"
 
@@ -467,21 +502,30 @@ def test_demo_directory_is_whole_or_nothing(tmp_path):
     from specprune.errors import RefusedError
 
     out = tmp_path / "d"
-    with pytest.raises(RuntimeError):
-        with demo_directory(out) as d:
-            assert (d / MARKER).exists()
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), demo_directory(out) as d:
+        assert (d / MARKER).exists()
+        raise RuntimeError("boom")
     assert not out.exists()
     with demo_directory(out) as d:
         (d / "a.txt").write_text("first")
     assert (out / "a.txt").read_text() == "first" and not (out / MARKER).exists()
-    with pytest.raises(RefusedError):
-        with demo_directory(out):
-            pass
-    with pytest.raises(RuntimeError):
-        with demo_directory(out, overwrite=True) as d:
-            assert not (d / "a.txt").exists()
-            raise RuntimeError("boom")
+    with pytest.raises(RefusedError), demo_directory(out):
+        pass
+    with pytest.raises(RuntimeError), demo_directory(out, overwrite=True) as d:
+        assert not (d / "a.txt").exists()
+        raise RuntimeError("boom")
     assert (out / "a.txt").read_text() == "first", "a failed --overwrite puts the old output back"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"], "no temporary leftovers"
     assert re.fullmatch(r"specprune-demo-\d{8}-\d{6}", default_out().name)
+
+
+def test_demo_settings():
+    from specprune.demo import DemoSettings
+    from specprune.errors import InputError
+
+    full, fast = DemoSettings.make(), DemoSettings.make(fast=True, model="llama")
+    assert fast.samples < full.samples and fast.model == "llama" and full.model == "auto"
+    assert set(fast.sweep_bits_measured) <= set(fast.sweep_bits_predicted)
+    assert DemoSettings.make(samples=10).samples == 10
+    with pytest.raises(InputError, match="--model"):
+        DemoSettings.make(model="gpt5")

@@ -50,7 +50,9 @@ def _case_id(case):
 D = 256
 GRID = [
     (a, b, max(2, round(frac * D)), noise)
-    for a, b, frac, noise in itertools.product((1.5, 2.5), (1.5, 2.0, 3.0), (0.04, 0.1, 0.25, 0.6), (0.0, 0.5, 1.0))
+    for a, b, frac, noise in itertools.product(
+        (1.5, 2.5), (1.5, 2.0, 3.0), (0.04, 0.1, 0.25, 0.6), (0.0, 0.5, 1.0)
+    )
 ]
 
 
@@ -95,7 +97,10 @@ def test_gain_exponent_matches_theory(grid_results):
 
 
 # --------------------------------------------------------------------- d = 512 and other settings
-GRID_512 = [(a, b, max(2, round(frac * 512)), 1.0) for a, b, frac in itertools.product((1.5, 2.5), (1.5, 2.0, 3.0), (0.04, 0.6))]
+GRID_512 = [
+    (a, b, max(2, round(frac * 512)), 1.0)
+    for a, b, frac in itertools.product((1.5, 2.5), (1.5, 2.0, 3.0), (0.04, 0.6))
+]
 
 
 @pytest.mark.parametrize("case", GRID_512, ids=_case_id)
@@ -123,8 +128,8 @@ def test_frontier_with_additive_init_and_narrow_output(a, b, k_star):
 
 def test_frontier_with_fewer_tokens_than_inputs():
     """N < d: only the numerically non-zero modes are used; the frontier is still found."""
-    gram, n, w, true_k, _ = _layer(D, 2.0, 2.0, 26, 1.0, tokens_per_dim=None, seed=5)
-    gram, n, w, true_k, _ = synthetic_layer(D, D, 2.0, 2.0, time_for_frontier(26, 2.0), init_std=1 / 16, tokens=128)
+    t = time_for_frontier(26, 2.0)
+    gram, n, w, true_k, _ = synthetic_layer(D, D, 2.0, 2.0, t, init_std=1 / 16, tokens=128, seed=5)
     spec = compute_spectrum(gram, n, w)
     assert spec.frontier.n_modes <= 128
     assert spec.k_star is not None and abs(spec.k_star - true_k) <= TOLERANCE * true_k
@@ -155,7 +160,9 @@ def test_fully_learned_layer_has_no_frontier(a, b, multiple, noise):
 @pytest.mark.parametrize("b", [1.5, 2.0, 3.0])
 def test_untrained_layer_has_no_frontier(b):
     """t ≈ 0: every mode still carries only its random init (flat gain)."""
-    gram, n, w, true_k, _ = synthetic_layer(D, D, 2.0, b, 1e-3, init_std=1 / math.sqrt(D), tokens=10 * D, seed=31)
+    gram, n, w, true_k, _ = synthetic_layer(
+        D, D, 2.0, b, 1e-3, init_std=1 / math.sqrt(D), tokens=10 * D, seed=31
+    )
     assert true_k == 0
     spec = compute_spectrum(gram, n, w)
     assert spec.k_star is None, spec.frontier.message
@@ -171,19 +178,22 @@ def test_random_weights_on_white_inputs_have_no_frontier(seed):
 
 
 # ------------------------------------------------------------------------ spectrum and energies
-def test_synthetic_layer_matches_its_design():
+@pytest.mark.parametrize("d_out", [80, 16])
+def test_synthetic_layer_matches_its_design(d_out):
     d, a, b, t = 64, 2.5, 2.0, 100.0
-    gram, n, w, true_k, lam = synthetic_layer(d, 80, a, b, t, tokens=None, seed=2)
+    gram, n, w, true_k, lam = synthetic_layer(d, d_out, a, b, t, tokens=None, seed=2)
+    assert w.shape == (d_out, d) and gram.shape == (d, d)
     assert true_k == round(synthetic_frontier(d, b, t)) == 10
     np.testing.assert_allclose(lam, np.arange(1, d + 1) ** -b)
     spec = compute_spectrum(gram, n, w)
     np.testing.assert_allclose(spec.eigenvalues, lam, rtol=1e-9)
     k = np.arange(1, d + 1)
-    target_gain = k ** (b - a) * (10.0 * 80 / d) / min(k ** (b - a))  # snr · d_out/d at the smallest gain
+    # target gain w_k² ∝ k^(b−a), scaled so that its minimum is snr · d_out/d (snr = 10)
+    target_gain = k ** (b - a) * (10.0 * d_out / d) / min(k ** (b - a))
     expected = target_gain * (-np.expm1(-lam * t)) ** 2
     np.testing.assert_allclose(spec.mode_gain, expected, rtol=1e-8)
     np.testing.assert_allclose(spec.mode_energy, lam * expected, rtol=1e-8)
-    again = synthetic_layer(d, 80, a, b, t, tokens=None, seed=2)
+    again = synthetic_layer(d, d_out, a, b, t, tokens=None, seed=2)
     np.testing.assert_array_equal(again[2], w)
 
 
@@ -335,7 +345,9 @@ def test_degenerate_layers_are_json_safe(gram, weight):
     s = spec.summary_dict()
     json.dumps(s, allow_nan=False)
     assert s["k_star"] is None and s["r_star"] is None
-    assert spec.mode_energy.sum() == pytest.approx(np.trace(weight @ (gram / 10) @ weight.T), abs=1e-12)
+    assert spec.mode_energy.sum() == pytest.approx(
+        np.trace(weight @ (gram / 10) @ weight.T), rel=1e-10, abs=1e-12
+    )
 
 
 def test_invalid_inputs_raise_input_error():
@@ -371,7 +383,7 @@ def test_from_eigen_rebuilds_the_same_result():
 
 
 def test_frontier_fit_object_api():
-    gram, n, w, true_k, _ = _layer(D, 2.5, 3.0, 26, 0.5, seed=81)
+    gram, n, w, _, _ = _layer(D, 2.5, 3.0, 26, 0.5, seed=81)
     spec = compute_spectrum(gram, n, w)
     f = spec.frontier
     assert isinstance(f, FrontierFit) and isinstance(spec.b_fit, PowerLawFit)
@@ -399,7 +411,7 @@ def test_plots_draw_without_a_display():
     assert len(axes) == 3 and axes[2].get_xscale() == "log"
     ax = spec.frontier.plot()
     assert ax.lines
-    fig, ax2 = plt.subplots()
+    _, ax2 = plt.subplots()
     assert spec.b_fit.plot(ax2) is ax2
     plt.close("all")
 

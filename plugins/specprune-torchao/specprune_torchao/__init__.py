@@ -14,15 +14,45 @@ Importing this package does not import torchao; anything that needs it raises
 
 from __future__ import annotations
 
-from ._compat import (TORCHAO_REQUIREMENT, TorchaoUnavailable, in_tested_range, require_torchao,
-                      torchao_version)
-from .backend import (TorchaoQuantizer, TorchaoWeight, int4_kernel_available, load_torchao, quantize_matrix,
-                      quantize_model_, save_torchao, stock_config, tensor_parts, to_torchao_,
-                      torchao_fake_quantize_)
+from ._compat import (
+                      TORCHAO_REQUIREMENT,
+                      TorchaoUnavailable,
+                      in_tested_range,
+                      require_torchao,
+                      torchao_version,
+)
+from .backend import (
+                      TorchaoQuantizer,
+                      TorchaoWeight,
+                      int4_kernel_available,
+                      load_torchao,
+                      quantize_matrix,
+                      quantize_model_,
+                      save_torchao,
+                      stock_config,
+                      tensor_parts,
+                      to_torchao_,
+                      torchao_fake_quantize_,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["TORCHAO_REQUIREMENT", "TorchaoUnavailable", "TorchaoQuantizer", "TorchaoWeight", "in_tested_range",
-           "int4_kernel_available", "load_torchao", "quantize_matrix", "quantize_model_", "require_torchao",
-           "save_torchao", "stock_config", "tensor_parts", "to_torchao_", "torchao_fake_quantize_",
-           "torchao_version", "__version__"]
+__all__ = [
+                      "TORCHAO_REQUIREMENT",
+                      "TorchaoQuantizer",
+                      "TorchaoUnavailable",
+                      "TorchaoWeight",
+                      "__version__",
+                      "in_tested_range",
+                      "int4_kernel_available",
+                      "load_torchao",
+                      "quantize_matrix",
+                      "quantize_model_",
+                      "require_torchao",
+                      "save_torchao",
+                      "stock_config",
+                      "tensor_parts",
+                      "to_torchao_",
+                      "torchao_fake_quantize_",
+                      "torchao_version",
+]

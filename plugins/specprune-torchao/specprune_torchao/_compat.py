@@ -16,8 +16,8 @@ from types import ModuleType, SimpleNamespace
 from specprune.errors import SpecpruneError
 
 #: The torchao versions this plugin was tested with (CPU, torch 2.13). Keep in sync with pyproject.toml.
-TORCHAO_REQUIREMENT = "torchao>=0.16,<0.19"
-TESTED_RANGE = ((0, 16), (0, 19))  # [low, high)
+TORCHAO_REQUIREMENT = "torchao>=0.15,<0.19"
+TESTED_RANGE = ((0, 15), (0, 19))  # [low, high)
 INSTALL_HINT = f"pip install 'specprune-torchao' (or pip install '{TORCHAO_REQUIREMENT}')"
 
 _QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
@@ -59,7 +59,7 @@ def require_torchao() -> ModuleType:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import torchao
-            import torchao.quantization  # noqa: F401
+            import torchao.quantization
     except ImportError as err:
         found = torchao_version()
         what = "is not installed" if found is None else f"{found} failed to import ({err})"
@@ -75,7 +75,7 @@ def require_torchao() -> ModuleType:
     return torchao
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def api() -> SimpleNamespace:
     """The torchao objects the backend uses, imported together (one clear error if any is missing)."""
     require_torchao()

