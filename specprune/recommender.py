@@ -234,114 +234,190 @@ def measure_choice(model: nn.Module, choice: dict[str, Option], geoms: dict[str,
         return evaluator.delta(model, "verification")
 
 
+class Recommender:
+    """Everything a plan is made from, measured once: per-layer geometry and candidate options,
+    response laws (sensitivities) and the calibration map. :meth:`plan` then allocates for any
+    tolerance (the sensitivities do not depend on it), and :meth:`predict` / :meth:`measure` score
+    any setting — which is what sweeps and tests need."""
+
+    def __init__(self, analysis, model: nn.Module, data=None, *, metric: str = "auto",
+                 methods=("prune", "quantize"), bits_choices=DEFAULT_BITS, group_sizes=(None, 128),
+                 prune_method: str = "whitened", sensitivity_samples: int = 4, verify_samples: int = 32,
+                 source: str | None = None):
+        from .data import Batches, from_iterable
+        from .evaluation import Evaluator
+
+        t0 = time.perf_counter()
+        methods = tuple(methods)
+        unknown = set(methods) - {"prune", "quantize"}
+        if unknown or not methods:
+            raise InputError(f"--methods takes prune and/or quantize, got {','.join(methods) or 'nothing'}")
+        bits_choices = tuple(sorted({int(b) for b in bits_choices}))
+        if not bits_choices or any(b < 2 or b > 8 for b in bits_choices):
+            raise InputError(f"--bits-choices must be integers in 2..8, got {bits_choices}")
+        if prune_method not in ("whitened", "spectral"):
+            raise InputError(f"prune method must be whitened or spectral, got {prune_method!r}")
+        if not analysis.has_spectra:
+            raise InputError("the analysis has no saved spectra (spectra.safetensors); re-run specprune analyze")
+        if model is None:
+            raise InputError("recommend needs the model (it is read from the analysis' source when not given)")
+        self.analysis, self.model, self.source = analysis, model, source
+        self.prune_method = prune_method if "prune" in methods else None
+        self.layers = select_layers(model, include=[lay.name for lay in analysis.layers])
+        self.geoms: dict[str, LayerGeometry] = {}
+        self.options: dict[str, list[Option]] = {}
+        for lay in self.layers:
+            la = analysis.layer(lay.name)
+            grp = analysis.group_of(lay.name)
+            self.geoms[lay.name] = LayerGeometry(lay, grp.eigenvalues, grp.eigenvectors)
+            self.options[lay.name] = layer_options(
+                lay, self.geoms[lay.name], la.mode_energy, la.k_star, quantize="quantize" in methods,
+                prune_method=self.prune_method, bits_choices=bits_choices, group_sizes=group_sizes)
+        self.details: dict = {"noise_model": "RTN weight error and low-rank truncation, exact layer distortion "
+                                             "tr(ΔW Σ ΔWᵀ), measured per-layer response laws",
+                              "prune_method": self.prune_method, "bits_choices": list(bits_choices),
+                              "group_sizes": list(group_sizes)}
+        self.calibrated = data is not None
+        self.verifier = None
+        if self.calibrated:
+            batches = data if isinstance(data, Batches) else from_iterable(data)
+            probe = Evaluator(model, _subset(batches, sensitivity_samples), metric, description="reference")
+            self.sens = measure_sensitivities(self.layers, self.geoms, probe, model, self.prune_method)
+            mapper = Evaluator(model, _subset(batches, 2 * sensitivity_samples), metric, description="reference")
+            self.cmap = _calibrate_map(model, self.layers, self.options, self.sens, self.geoms, mapper,
+                                       bits_choices, self.prune_method)
+            self.verifier = Evaluator(model, _subset(batches, verify_samples), metric, description="reference")
+            self.metric = probe.metric
+        else:
+            self.sens = {lay.name: LayerSensitivity(lay.name, 1.0 / max(self.geoms[lay.name].energy, 1e-30),
+                                                    1.0 / max(self.geoms[lay.name].energy, 1e-30))
+                         for lay in self.layers}
+            self.cmap = CalibrationMap(1.0, 1.0, math.log(3.0))
+            self.metric = metric
+        self.seconds = time.perf_counter() - t0
+
+    # -- scoring any setting --------------------------------------------------------------------
+    def option(self, name: str, *, method: str | None = None, rank: int | None = None, bits: int | None = None,
+               group_size: int | None = None) -> Option:
+        """An :class:`Option` for any (method, rank, bits, group_size) of layer ``name``, scored exactly."""
+        geom = self.geoms[name]
+        lay = geom.layer
+        db = _dtype_bits(lay)
+        full_bits, full_params = weight_bits(geom.d_in, geom.d_out, None, None, None, db)
+        if rank is not None and rank >= min(geom.d_in, geom.d_out):
+            method, rank = None, None
+        d_prune = geom.distortion(geom.low_rank_delta(method, rank)) if rank is not None else 0.0
+        probe = Option(method, rank, bits, group_size, 0, 0.0, d_prune, 0, 0.0)
+        d_total = geom.distortion(option_weight(geom, probe) - geom.w)
+        sb, params = weight_bits(geom.d_in, geom.d_out, rank, bits, group_size, db)
+        return Option(method if rank is not None else None, rank, bits, group_size, sb,
+                      max(d_total - d_prune, 0.0), d_prune, params, max(0.0, 1.0 - params / full_params))
+
+    def uniform(self, *, bits: int | None = None, group_size: int | None = None,
+                rank_fraction: float | None = None, method: str | None = None) -> dict[str, Option]:
+        """The same setting on every layer: int-``bits`` and/or rank round(f·min(d_in, d_out))."""
+        out = {}
+        for name, geom in self.geoms.items():
+            rank = None
+            if rank_fraction is not None:
+                rank = max(1, int(round(rank_fraction * min(geom.d_in, geom.d_out))))
+            out[name] = self.option(name, method=method or self.prune_method or "whitened", rank=rank, bits=bits,
+                                    group_size=group_size)
+        return out
+
+    def predict(self, choice: dict[str, Option]) -> float:
+        """Calibrated model-level prediction for an allocation (no measurement)."""
+        return self.cmap(sum(o.delta(self.sens[n]) for n, o in choice.items()))
+
+    def measure(self, choice: dict[str, Option], evaluator=None) -> float:
+        """Measured delta of an allocation (on the verification windows unless ``evaluator`` is given)."""
+        return measure_choice(self.model, choice, self.geoms, evaluator or self.verifier)
+
+    @staticmethod
+    def size_bits(choice: dict[str, Option]) -> int:
+        """Bits of the targeted weights (scales included) under an allocation."""
+        return int(sum(o.size_bits for o in choice.values()))
+
+    # -- the plan ---------------------------------------------------------------------------------
+    def plan(self, tolerance: float, verify: bool = True) -> Plan:
+        """Smallest allocation predicted (and, when calibrated, measured) within ``tolerance``."""
+        from .compress.apply import plan_size
+        from .models import fingerprint
+
+        t0 = time.perf_counter()
+        if not tolerance > 0 or not math.isfinite(tolerance):
+            raise InputError(f"--tolerance must be > 0, got {tolerance}")
+        sens, cmap, options = self.sens, self.cmap, self.options
+        verify = verify and self.calibrated
+        target = tolerance * TARGET_FRACTION
+        budget = cmap.inverse(target)
+        history: list[dict] = []
+        accepted: tuple | None = None
+        last = None
+        for _ in range(MAX_ROUNDS if verify else 1):
+            choice = allocate(options, sens, budget)
+            raw = sum(o.delta(sens[n]) for n, o in choice.items())
+            size = self.size_bits(choice)
+            last = (size, choice, None, None)
+            if not verify or all(o.method is None and o.bits is None for o in choice.values()):
+                break
+            measured = self.measure(choice)
+            stderr = self.verifier.last_stderr
+            history.append({"budget": budget, "predicted_raw": raw, "predicted": cmap(raw),
+                            "measured_on_calibration": measured, "stderr": stderr, "size_bits": size})
+            last = (size, choice, measured, stderr)
+            if measured <= target:
+                if accepted is None or size < accepted[0]:
+                    accepted = (size, choice, measured, stderr)
+                if measured >= 0.75 * target:
+                    break
+                budget *= min(2.0, (target / max(measured, 1e-12)) ** (1.0 / cmap.p))
+            else:
+                budget *= 0.9 * (target / measured) ** (1.0 / cmap.p)
+        size, choice, measured, stderr = accepted or last
+        plan_layers = _to_plan_layers(choice, sens, cmap)
+        pred = sum(lp.predicted_delta for lp in plan_layers.values())
+        model_prediction = pred
+        uncertainty = cmap.uncertainty(pred)
+        if measured is not None:
+            # the verified plan: its measurement on calibration windows is the calibrated prediction,
+            # uncertain by its sampling error (2 standard errors) and at least 15%
+            scale = measured / pred if pred > 0 else 0.0
+            for lp in plan_layers.values():
+                lp.predicted_delta = float(lp.predicted_delta * scale) if pred > 0 else 0.0
+            pred = float(max(measured, 0.0))
+            se = stderr if stderr is not None and math.isfinite(stderr) else 0.0
+            uncertainty = float(max(2.0 * se, 0.15 * pred))
+        analysis = self.analysis
+        plan = Plan(model={"source": self.source or analysis.model.get("source", ""),
+                           "fingerprint": fingerprint(self.model)},
+                    tolerance=float(tolerance), metric=self.metric, layers=plan_layers,
+                    calibrated=self.calibrated, predicted_delta=float(pred),
+                    predicted_delta_uncertainty=uncertainty)
+        plan.size = plan_size(self.model, plan)
+        plan.details = {**self.details, "target": target, "model_prediction": model_prediction,
+                        "calibration_map": cmap.to_dict(), "verification": history,
+                        "sensitivities": {n: s.to_dict() for n, s in sens.items()},
+                        "frontier": {lay.name: {"k_star": analysis.layer(lay.name).k_star,
+                                                "r_star": analysis.layer(lay.name).r_star}
+                                     for lay in self.layers},
+                        "seconds": round(self.seconds + time.perf_counter() - t0, 3)}
+        return plan
+
+
 def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=None, *,
               metric: str = "auto", methods=("prune", "quantize"), bits_choices=DEFAULT_BITS,
               group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int = 4,
               verify_samples: int = 32, source: str | None = None, seed: int = 0, verify: bool = True) -> Plan:
     """A per-layer plan for ``tolerance`` (relative metric increase). With ``model`` and ``data``
-    the prediction is calibrated by measurement (see module docstring); without them it is the
+    the prediction is calibrated by measurement (see module docstring); without data it is the
     uncalibrated layer-local estimate (each layer's relative output distortion, summed)."""
-    from .data import Batches, from_iterable
-    from .evaluation import Evaluator
-    from .models import fingerprint
-
-    t0 = time.perf_counter()
     if not tolerance > 0 or not math.isfinite(tolerance):
         raise InputError(f"--tolerance must be > 0, got {tolerance}")
-    methods = tuple(methods)
-    unknown = set(methods) - {"prune", "quantize"}
-    if unknown or not methods:
-        raise InputError(f"--methods takes prune and/or quantize, got {','.join(methods) or 'nothing'}")
-    bits_choices = tuple(sorted({int(b) for b in bits_choices}))
-    if not bits_choices or any(b < 2 or b > 8 for b in bits_choices):
-        raise InputError(f"--bits-choices must be integers in 2..8, got {bits_choices}")
-    if not analysis.has_spectra:
-        raise InputError("the analysis has no saved spectra (spectra.safetensors); re-run specprune analyze")
-    quantize = "quantize" in methods
-    pm = prune_method if "prune" in methods else None
-    names = [lay.name for lay in analysis.layers]
-    if model is None:
-        raise InputError("recommend needs the model (it is read from the analysis' source when not given)")
-    layers = select_layers(model, include=names)
-    geoms: dict[str, LayerGeometry] = {}
-    options: dict[str, list[Option]] = {}
-    for lay in layers:
-        la = analysis.layer(lay.name)
-        grp = analysis.group_of(lay.name)
-        geoms[lay.name] = LayerGeometry(lay, grp.eigenvalues, grp.eigenvectors)
-        options[lay.name] = layer_options(lay, geoms[lay.name], la.mode_energy, la.k_star, quantize=quantize,
-                                          prune_method=pm, bits_choices=bits_choices, group_sizes=group_sizes)
-    details: dict = {"noise_model": "RTN weight error and low-rank truncation, exact layer distortion "
-                                    "tr(ΔW Σ ΔWᵀ), measured per-layer sensitivities",
-                     "prune_method": pm, "bits_choices": list(bits_choices),
-                     "group_sizes": [g for g in group_sizes]}
-    calibrated = data is not None
-    evaluator = verifier = None
-    if calibrated:
-        batches = data if isinstance(data, Batches) else from_iterable(data)
-        evaluator = Evaluator(model, _subset(batches, sensitivity_samples), metric, description="reference")
-        verifier = Evaluator(model, _subset(batches, verify_samples), metric, description="reference")
-        sens = measure_sensitivities(layers, geoms, evaluator, model, pm)
-        mapper = Evaluator(model, _subset(batches, 2 * sensitivity_samples), metric, description="reference")
-        cmap = _calibrate_map(model, layers, options, sens, geoms, mapper, bits_choices, pm)
-        metric_name = evaluator.metric
-    else:
-        sens = {lay.name: LayerSensitivity(lay.name, 1.0 / max(geoms[lay.name].energy, 1e-30),
-                                           1.0 / max(geoms[lay.name].energy, 1e-30)) for lay in layers}
-        cmap = CalibrationMap(1.0, 1.0, math.log(3.0))
-        metric_name = metric
-    target = tolerance * TARGET_FRACTION
-    budget = cmap.inverse(target)
-    history: list[dict] = []
-    accepted: tuple | None = None  # (size, choice, measured)
-    last = None
-    for _ in range(MAX_ROUNDS if (calibrated and verify) else 1):
-        choice = allocate(options, sens, budget)
-        raw = sum(o.delta(sens[n]) for n, o in choice.items())
-        size = sum(o.size_bits for o in choice.values())
-        last = (size, choice, None, None)
-        if not (calibrated and verify) or all(o.method is None and o.bits is None for o in choice.values()):
-            break
-        measured = measure_choice(model, choice, geoms, verifier)
-        stderr = verifier.last_stderr
-        history.append({"budget": budget, "predicted_raw": raw, "predicted": cmap(raw),
-                        "measured_on_calibration": measured, "stderr": stderr, "size_bits": size})
-        last = (size, choice, measured, stderr)
-        if measured <= target:
-            if accepted is None or size < accepted[0]:
-                accepted = (size, choice, measured, stderr)
-            if measured >= 0.75 * target:
-                break
-            budget *= min(2.0, (target / max(measured, 1e-12)) ** (1.0 / cmap.p))
-        else:
-            budget *= 0.9 * (target / measured) ** (1.0 / cmap.p)
-    size, choice, measured, stderr = accepted or last
-    plan_layers = _to_plan_layers(choice, sens, cmap)
-    pred = sum(lp.predicted_delta for lp in plan_layers.values())
-    uncertainty = cmap.uncertainty(pred)
-    if measured is not None:
-        # the verified plan: the measurement on calibration windows is the calibrated prediction,
-        # uncertain by its sampling error (2 standard errors) and at least 15%
-        scale = measured / pred if pred > 0 else 0.0
-        for lp in plan_layers.values():
-            lp.predicted_delta = float(lp.predicted_delta * scale) if pred > 0 else 0.0
-        pred = float(max(measured, 0.0))
-        se = stderr if stderr is not None and math.isfinite(stderr) else 0.0
-        uncertainty = float(max(2.0 * se, 0.15 * pred))
-    from .compress.apply import plan_size
-
-    plan = Plan(model={"source": source or analysis.model.get("source", ""), "fingerprint": fingerprint(model)},
-                tolerance=float(tolerance), metric=metric_name, layers=plan_layers, calibrated=calibrated,
-                predicted_delta=float(pred), predicted_delta_uncertainty=uncertainty)
-    plan.size = plan_size(model, plan)
-    plan.details = {**details, "target": target, "model_prediction": cmap(sum(o.delta(sens[n])
-                                                                              for n, o in choice.items())),
-                    "calibration_map": cmap.to_dict(), "verification": history,
-                    "sensitivities": {n: s.to_dict() for n, s in sens.items()},
-                    "frontier": {lay.name: {"k_star": analysis.layer(lay.name).k_star,
-                                            "r_star": analysis.layer(lay.name).r_star} for lay in layers},
-                    "seconds": round(time.perf_counter() - t0, 3)}
-    return plan
+    rec = Recommender(analysis, model, data, metric=metric, methods=methods, bits_choices=bits_choices,
+                      group_sizes=group_sizes, prune_method=prune_method,
+                      sensitivity_samples=sensitivity_samples, verify_samples=verify_samples, source=source)
+    return rec.plan(tolerance, verify=verify)
 
 
 def _subset(batches, n: int):
