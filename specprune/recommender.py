@@ -283,10 +283,9 @@ class Recommender:
             batches = data if isinstance(data, Batches) else from_iterable(data)
             probe = Evaluator(model, _subset(batches, sensitivity_samples), metric, description="reference")
             self.sens = measure_sensitivities(self.layers, self.geoms, probe, model, self.prune_method)
-            mapper = Evaluator(model, _subset(batches, 2 * sensitivity_samples), metric, description="reference")
-            self.cmap = _calibrate_map(model, self.layers, self.options, self.sens, self.geoms, mapper,
-                                       bits_choices, self.prune_method)
             self.verifier = Evaluator(model, _subset(batches, verify_samples), metric, description="reference")
+            self.cmap = _calibrate_map(model, self.layers, self.options, self.sens, self.geoms, self.verifier,
+                                       bits_choices, self.prune_method)
             self.metric = probe.metric
         else:
             self.sens = {lay.name: LayerSensitivity(lay.name, 1.0 / max(self.geoms[lay.name].energy, 1e-30),

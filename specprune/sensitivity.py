@@ -19,8 +19,8 @@ How much of that reaches the metric depends on what follows the layer, so it is 
 3. **Global calibration map.** Layers interact (errors compound through later layers and
    normalisations), so P is mapped to the measured delta by δ ≈ c·P^p, fitted in log-log
    space on whole-model perturbations (uniform int-8/6/4/3, and uniform ranks when pruning is
-   allowed) measured on the same windows. The spread of those points around the fit gives the
-   multiplicative uncertainty σ (reported as ``predicted_delta_uncertainty``).
+   allowed) measured on the verification windows (32 calibration windows). The spread of those
+   points around the fit gives the multiplicative uncertainty σ.
 
 Noise model of the prediction: the actual RTN / truncation weight errors (not an
 idealised additive model), scored exactly per layer and mapped through measured sensitivities.
