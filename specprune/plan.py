@@ -29,6 +29,15 @@ PLAN_FORMAT = 1
 BITS_RANGE = (2, 8)
 
 
+def _finite_number(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 @dataclass
 class LayerPlan:
     method: str | None = None
@@ -54,8 +63,10 @@ class LayerPlan:
             raise InputError(f"plan layer {name}: rank must be a positive integer or null")
         if self.method is None and (self.rank is not None or self.prune_rate):
             raise InputError(f"plan layer {name}: prune_rate/rank given without a method")
-        if not isinstance(self.predicted_delta, (int, float)) or math.isnan(float(self.predicted_delta)):
-            raise InputError(f"plan layer {name}: predicted_delta must be a number")
+        if self.method is not None and not isinstance(self.method, str):
+            raise InputError(f"plan layer {name}: method must be a string or null")
+        if not _finite_number(self.predicted_delta):
+            raise InputError(f"plan layer {name}: predicted_delta must be a finite number")
 
 
 @dataclass
@@ -103,14 +114,19 @@ class Plan:
             lp = LayerPlan(**ld)
             lp.validate(name)
             layers[name] = lp
-        try:
-            tol = float(doc.get("tolerance", 0.0))
-        except (TypeError, ValueError):
-            raise InputError(f"{where}: tolerance must be a number") from None
-        return cls(model=dict(doc.get("model") or {}), tolerance=tol, metric=str(doc.get("metric", "auto")),
+        numbers = {}
+        for key in ("tolerance", "predicted_delta", "predicted_delta_uncertainty"):
+            v = doc.get(key, 0.0)
+            if not _finite_number(v):
+                raise InputError(f"{where}: {key} must be a finite number, got {v!r}")
+            numbers[key] = float(v)
+        if not isinstance(doc.get("model") or {}, dict) or not isinstance(doc.get("size") or {}, dict):
+            raise InputError(f"{where}: 'model' and 'size' must be objects")
+        return cls(model=dict(doc.get("model") or {}), tolerance=numbers["tolerance"],
+                   metric=str(doc.get("metric", "auto")),
                    layers=layers, calibrated=bool(doc.get("calibrated", False)),
-                   predicted_delta=float(doc.get("predicted_delta", 0.0)),
-                   predicted_delta_uncertainty=float(doc.get("predicted_delta_uncertainty", 0.0)),
+                   predicted_delta=numbers["predicted_delta"],
+                   predicted_delta_uncertainty=numbers["predicted_delta_uncertainty"],
                    size=dict(doc.get("size") or {}), details=dict(doc.get("details") or {}))
 
     @classmethod

@@ -363,7 +363,8 @@ class Recommender:
             measured = self.measure(choice)
             stderr = self.verifier.last_stderr
             history.append({"budget": budget, "predicted_raw": raw, "predicted": cmap(raw),
-                            "measured_on_calibration": measured, "stderr": stderr, "size_bits": size})
+                            "measured_on_calibration": measured,
+                            "stderr": stderr if math.isfinite(stderr) else None, "size_bits": size})
             last = (size, choice, measured, stderr)
             if measured <= target:
                 if accepted is None or size < accepted[0]:

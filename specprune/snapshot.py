@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 
+_MISSING = object()
+
+
 def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module holding ``name`` and the attribute under which it is held."""
     parent_name, _, attr = name.rpartition(".")
@@ -20,25 +23,33 @@ def restored(model: nn.Module, names):
     """Snapshot the modules at ``names`` (object and tensors); on exit put back exactly those
     objects with their original values, whatever happened in between (replacement by factorized
     modules, in-place weight edits, pruning reparametrisations)."""
+    from .compress.quantize import QUANT_ATTR
+
     saved = []
     for n in names:
         parent, attr = parent_of(model, n)
         mod = getattr(parent, attr)
         params = {k: p for k, p in mod.named_parameters(recurse=True)}
         values = {k: v.detach().clone() for k, v in mod.state_dict().items()}
-        saved.append((parent, attr, mod, params, values))
+        records = {m: m.__dict__.get(QUANT_ATTR, _MISSING) for m in mod.modules()}
+        saved.append((parent, attr, mod, params, values, records))
     try:
         yield model
     finally:
-        for parent, attr, mod, params, values in saved:
+        for parent, attr, mod, params, values, records in saved:
             setattr(parent, attr, mod)
+            for m, rec in records.items():  # quantization records describe the weights: restore them too
+                if rec is _MISSING:
+                    m.__dict__.pop(QUANT_ATTR, None)
+                else:
+                    m.__dict__[QUANT_ATTR] = rec
             # put the original Parameter objects back (pruning may have swapped them), then values
             for k, p in params.items():
                 owner_name, _, pname = k.rpartition(".")
                 owner = mod.get_submodule(owner_name) if owner_name else mod
                 for extra in (pname + "_orig", pname + "_mask"):
-                    owner._parameters.pop(extra, None) if extra in owner._parameters else None
-                    owner._buffers.pop(extra, None) if extra in owner._buffers else None
+                    owner._parameters.pop(extra, None)
+                    owner._buffers.pop(extra, None)
                 if owner._parameters.get(pname) is not p:
                     if pname in owner.__dict__:
                         del owner.__dict__[pname]

@@ -192,8 +192,6 @@ def test_recommend_leaves_no_quantization_records():
     assert _same(model, snap, records=True)
 
 
-@pytest.mark.xfail(strict=False, reason="snapshot.restored puts weights and module objects back but not the "
-                   "QuantRecord (specprune_quant) that quantization sets on the module")
 def test_apply_temporarily_leaves_no_quantization_records():
     from specprune.plan import LayerPlan, Plan
     from specprune.snapshot import apply_temporarily

@@ -244,9 +244,6 @@ def test_plan_layer_validation_raises_only_input_error(field, value):
         pass
 
 
-@pytest.mark.xfail(reason="plan.py: Plan.from_dict converts top-level numbers with float() unchecked, so a "
-                          "hand-edited non-number raises ValueError (the CLI still reports it in one line)",
-                   strict=False)
 def test_plan_top_level_numbers_are_validated():
     with pytest.raises(InputError):
         Plan.from_dict({"format": 1, "layers": {}, "predicted_delta": "x"})

@@ -1,0 +1,103 @@
+"""`specprune analyze` from the command line: HF directories, state dicts with --arch, tensor data,
+series, and the real all-MiniLM-L6-v2 on locally generated English text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from specprune.analysis import Analysis
+from specprune.cli.app import app
+
+from conftest import tree_hash
+
+runner = CliRunner()
+
+
+def _run(args):
+    res = runner.invoke(app, args)
+    return res.exit_code, res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_analyze_tiny_hf_dirs_json_and_saved(kind, tiny_dirs, small_text_file, tmp_path):
+    before = tree_hash(tiny_dirs[kind])
+    out = tmp_path / "a"
+    code, stdout, _ = _run(["analyze", str(tiny_dirs[kind]), "--data", str(small_text_file), "--samples", "8",
+                            "--seq-len", "32", "--out", str(out), "--format", "json"])
+    assert code == 0
+    doc = json.loads(stdout)
+    assert doc["calibration"] == {"tokens": 8 * 32, "samples": 8, "seq_len": 32, "seed": 0}
+    assert doc["model"]["num_parameters"] > 0
+    for lay in doc["layers"]:
+        assert set(lay) >= {"name", "type", "d_in", "d_out", "tokens", "b", "a", "k_star", "k_max", "r_star",
+                            "fit"}
+        assert lay["k_max"] == lay["d_in"]
+        assert lay["r_star"] is None or 0 <= lay["r_star"] < 1
+    saved = Analysis.load(out)
+    assert [lay.name for lay in saved.layers] == [lay["name"] for lay in doc["layers"]]
+    assert (out / "spectra.safetensors").is_file()
+    assert tree_hash(tiny_dirs[kind]) == before
+
+
+def test_analyze_state_dict_with_arch_and_tensor_data(tmp_path):
+    from specprune.toy import build_cnn
+
+    model = build_cnn()
+    weights = tmp_path / "cnn.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    data = tmp_path / "images.pt"
+    torch.save({"input": torch.randn(16, 3, 8, 8)}, str(data))
+    code, stdout, stderr = _run(["analyze", str(weights), "--arch", "specprune.toy:build_cnn", "--data", str(data),
+                                 "--batch-size", "4", "--format", "json"])
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert {lay["name"] for lay in doc["layers"]} == {"conv1", "conv2", "conv3", "conv1d", "fc"}
+    assert doc["calibration"]["seq_len"] is None
+
+
+def test_analyze_series_writes_one_analysis_per_checkpoint(tiny_dirs, small_text_file, tmp_path):
+    out = tmp_path / "series"
+    code, stdout, _ = _run(["analyze", str(tiny_dirs["bert"]), str(tiny_dirs["llama"]), "--data",
+                            str(small_text_file), "--samples", "4", "--seq-len", "32", "--out", str(out),
+                            "--format", "json"])
+    assert code == 0
+    doc = json.loads(stdout)
+    assert len(doc["series"]) == 2
+    series = json.loads((out / "series.json").read_text())["series"]
+    assert [s["dir"] for s in series] == ["000-bert", "001-llama"]
+    for s in series:
+        assert (out / s["dir"] / "analysis.json").is_file()
+
+
+def test_analyze_human_table_lists_layers(tiny_dirs, small_text_file):
+    code, stdout, _ = _run(["analyze", str(tiny_dirs["bert"]), "--data", str(small_text_file), "--samples", "4",
+                            "--seq-len", "32"])
+    assert code == 0
+    assert "encoder.layer.0.attention.self.query" in stdout and "k_max" in stdout
+
+
+@pytest.mark.slow
+def test_real_minilm_analyzes_from_the_cli(minilm_dir, text_file, tmp_path):
+    """The pretrained all-MiniLM-L6-v2, generated English text, every Linear layer reported."""
+    from transformers import AutoModel
+
+    out = tmp_path / "minilm"
+    proc = subprocess.run([sys.executable, "-m", "specprune", "analyze", str(minilm_dir), "--data", str(text_file),
+                           "--samples", "32", "--out", str(out), "--format", "json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    model = AutoModel.from_pretrained(str(minilm_dir), local_files_only=True)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert [lay["name"] for lay in doc["layers"]] == linears and len(linears) == 37
+    assert doc["calibration"]["tokens"] == 32 * 128
+    assert all(lay["b"] is not None and lay["b"] > 0 for lay in doc["layers"])
+    assert (out / "analysis.json").is_file()
