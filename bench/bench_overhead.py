@@ -2,7 +2,7 @@
 """Issue 9, targets 1 and 5: what ``analyze`` costs on top of the forward passes it cannot avoid.
 
     python bench/bench_overhead.py                 # 128 windows x 128 tokens, 3 rounds (~4-8 min on 2 busy cores)
-    python bench/bench_overhead.py --quick         # 16 windows, 1 round, first block only, no memory children (<1 min)
+    python bench/bench_overhead.py --quick         # 8 windows, 1 round, first block only, no memory children (<1 min)
     python bench/bench_overhead.py --samples 64 --rounds 5 --json out.json
 
 On all-MiniLM-L6-v2 (``specprune.toy.minilm_dir()``) with the English calibration text of
@@ -360,13 +360,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-accuracy", action="store_true", help="skip the fp64 all-token reference")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile breakdown")
     ap.add_argument("--quick", action="store_true",
-                    help="16 windows, 1 round, first block's layers only, no memory children")
+                    help="8 windows, 1 round, first block's layers only, no memory children")
     ap.add_argument("--json", type=Path, help="write all results here")
     ap.add_argument("--child", choices=["activations", "analyze"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         if args.samples == 128:
-            args.samples = 16
+            args.samples = 8
         args.rounds = 1
         args.no_memory = True
     if args.child:
@@ -390,7 +390,13 @@ def main(argv=None) -> int:
     print(f"machine: {mach.get('cpu')} | nproc {mach['nproc']} | torch threads {mach['torch_threads']} | "
           f"load average at start {mach.get('loadavg')}", flush=True)
 
-    plain_pass(model, batches)  # warm-up (allocator, oneDNN primitives)
+    # warm-up: allocator and oneDNN primitives, and analyze's lazy imports (scipy.optimize, ...) on a
+    # one-batch, one-layer run, so that no timed call pays a first-call cost
+    plain_pass(model, batches)
+    from specprune.data import Batches
+
+    one = Batches(batches.batches[:1], 1, batches.seq_len, batches.seed, batches.sources)
+    analyze_pass(model, one, [layers[0].name])
     things = [("plain", lambda: plain_pass(model, batches)),
               ("hooked", lambda: hooked_pass(model, layers, batches)),
               ("analyze", lambda: analyze_pass(model, batches, include))]

@@ -55,12 +55,14 @@ def init_from_env() -> bool:
     return True
 
 
-def shard(batches: list) -> list:
-    """This rank's share of a list of batches (all of them when not distributed)."""
+def shard(batches: list, allow_empty: bool = False) -> list:
+    """This rank's share of a list of batches (all of them when not distributed). Sums over an empty
+    share are zero, which is fine for metrics (``allow_empty``) but not for a probe that must see
+    every layer run."""
     if not is_distributed():
         return list(batches)
     mine = list(batches)[rank()::world_size()]
-    if not mine:
+    if not mine and not allow_empty:
         from .errors import InputError
 
         raise InputError(f"rank {rank()} got no batch: {len(batches)} batches for {world_size()} processes")

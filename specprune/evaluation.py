@@ -197,7 +197,7 @@ class Evaluator:
     def __init__(self, reference: nn.Module, batches: Batches, metric: str = "auto", device=None,
                  description: str = "reference"):
         self.batches = batches
-        self._mine = shard(batches.batches)  # this rank's share under torch.distributed
+        self._mine = shard(batches.batches, allow_empty=True)  # this rank's share under torch.distributed
         self.device = device
         self.metric = resolve_metric(metric, reference, batches)
         self._custom: Callable | None = None

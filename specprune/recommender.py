@@ -259,6 +259,7 @@ class Recommender:
             raise InputError(f"prune method must be whitened or spectral, got {prune_method!r}")
         if not analysis.has_spectra:
             raise InputError("the analysis has no saved spectra (spectra.safetensors); re-run specprune analyze")
+        analysis.require_full_spectra("recommend")
         if model is None:
             raise InputError("recommend needs the model (it is read from the analysis' source when not given)")
         self.analysis, self.model, self.source = analysis, model, source

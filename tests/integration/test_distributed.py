@@ -105,8 +105,9 @@ def test_evaluate_torchrun_stderr_matches_single_process(tiny_dirs, small_text_f
 
 
 def test_recommend_sensitivities_torchrun_match_single_process(tiny_dirs, small_text_file, tmp_path):
-    args = ["recommend", str(tiny_dirs["llama"]), "--data", str(small_text_file), "--samples", "16",
-            "--seq-len", "32", "--batch-size", "4", "--tolerance", "0.05", "--format", "json"]
+    # batch size 2: the sensitivity probe measures on 4 windows, which must make ≥ 1 batch per rank
+    args = ["recommend", str(tiny_dirs["llama"]), "--data", str(small_text_file), "--samples", "32",
+            "--seq-len", "32", "--batch-size", "2", "--tolerance", "0.05", "--format", "json"]
     _run([*args, "--out", str(tmp_path / "single.json")])
     _run([*args, "--out", str(tmp_path / "dist.json")], ranks=2)
     a = json.loads((tmp_path / "single.json").read_text())
