@@ -526,7 +526,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     recorded in ``Analysis.memory``); ``log`` — receives one-line status messages.
     """
     from .data import Batches, from_iterable, load_data
-    from .distributed import all_reduce_scalars, is_distributed, shard
+    from .distributed import all_reduce_scalars, is_distributed, shard, solve_on_main
     from .memory import choose_solver
     from .models import model_device, num_parameters, resolve_device
     from .probe import run_probe
@@ -587,7 +587,8 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                 raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
             how, k = choose_solver(acc.d, **solver_kw)
             if how == "full":
-                evals, evecs = _eigh(acc.gram, acc.tokens, acc.device)
+                # under torch.distributed rank 0 solves and broadcasts (every rank holds the same Gram)
+                evals, evecs = solve_on_main(lambda acc=acc: _eigh(acc.gram, acc.tokens, acc.device), acc.d)
                 groups[key] = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers))
             else:
                 res, en = _topk(acc.gram, acc.tokens, k, acc.device, members[key], seed)

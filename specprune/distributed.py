@@ -87,3 +87,25 @@ def all_reduce_scalars(*values: float) -> list[float]:
         t = t.cuda()
     all_reduce_(t)
     return [float(v) for v in t.cpu()]
+
+
+def solve_on_main(solve, d: int):
+    """Run ``solve() -> (eigenvalues (d,), eigenvectors (d, d))`` on rank 0 only and broadcast the
+    result, so every rank holds the same eigenpairs (and only one pays for the solve)."""
+    import numpy as np
+
+    if not is_distributed():
+        return solve()
+    dist = _dist()
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    if rank() == 0:
+        ev, vec = solve()
+        t_ev = torch.as_tensor(np.ascontiguousarray(ev), dtype=torch.float64).to(dev)
+        t_vec = torch.as_tensor(np.ascontiguousarray(vec), dtype=torch.float64).to(dev)
+    else:
+        t_ev = torch.empty(d, dtype=torch.float64, device=dev)
+        t_vec = torch.empty(d, d, dtype=torch.float64, device=dev)
+    dist.broadcast(t_ev, 0)
+    dist.broadcast(t_vec, 0)
+    return t_ev.cpu().numpy(), t_vec.cpu().numpy()

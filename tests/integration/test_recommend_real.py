@@ -32,7 +32,7 @@ def plan_weight_bits(rec: Recommender, plan) -> int:
 def run_case(model_dir, text_file, seq_len):
     loaded = load_model(str(model_dir))
     calib = load_data([text_file], loaded.tokenizer, samples=64, seq_len=seq_len, batch_size=8)
-    evalb = load_data([text_file], loaded.tokenizer, samples=64, seq_len=seq_len, batch_size=8,
+    evalb = load_data([text_file], loaded.tokenizer, samples=48, seq_len=seq_len, batch_size=8,
                       split="evaluation")
     analysis = analyze(loaded.model, calib)
     rec = Recommender(analysis, loaded.model, calib)
@@ -81,10 +81,12 @@ def check(report, capsys=None):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_minilm_recommend_meets_tolerance_and_beats_uniform(minilm_dir, text_file):
     check(run_case(minilm_dir, text_file, 128))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_trained_llama_recommend_meets_tolerance_and_beats_uniform(trained_llama, text_file):
     check(run_case(trained_llama, text_file, 64))
