@@ -324,6 +324,8 @@ def run_child(kind: str, args) -> dict:
         cmd += ["--include", p]
     if args.quick:
         cmd.append("--quick")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"memory child {kind} failed:\n{res.stderr[-2000:]}")
@@ -361,9 +363,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile breakdown")
     ap.add_argument("--quick", action="store_true",
                     help="8 windows, 1 round, first block's layers only, no memory children")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for every pass (default: torch's, = cores); "
+                                                "1 avoids OpenMP barrier stalls on a host shared with other jobs")
     ap.add_argument("--json", type=Path, help="write all results here")
     ap.add_argument("--child", choices=["activations", "analyze"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.quick:
         if args.samples == 128:
             args.samples = 8

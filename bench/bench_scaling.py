@@ -130,7 +130,7 @@ def solve_times(d: int, repeats: int, with_topk: bool = True) -> dict:
         "eigh float32": lambda: torch.linalg.eigh(a.float()),
     }
     if with_topk:
-        variants[f"randomized top-k (k=d/8={k})"] = lambda: randomized_eigh(a, k)
+        variants["randomized top-k (k=d/8)"] = lambda: randomized_eigh(a, k)
     out = round_robin(list(variants), lambda name: clock(variants[name]), repeats)
     err = None
     if with_topk:
@@ -177,6 +177,8 @@ def depth_times(depths, d: int, tokens: int, batch_tokens: int, repeats: int) ->
 
     from specprune import progress
     from specprune.analysis import analyze
+    from specprune.layers import select_layers
+    from specprune.probe import run_probe
 
     progress.set_enabled(False)
     nb = max(1, tokens // batch_tokens)
@@ -188,14 +190,17 @@ def depth_times(depths, d: int, tokens: int, batch_tokens: int, repeats: int) ->
             for b in batches:
                 models[L](b["input"])
 
+    def hooked(L):
+        run_probe(models[L], select_layers(models[L]), batches)
+
     def whole(L):
         analyze(models[L], batches, memory_check=False)
 
     whole(depths[0])  # warm-up: lazy imports
-    points = [(L, w) for L in depths for w in ("plain", "analyze")]
-    t = round_robin(points, lambda p: clock((lambda: plain(p[0])) if p[1] == "plain" else (lambda: whole(p[0]))),
-                    repeats)
-    return {L: {"plain": t[(L, "plain")], "analyze": t[(L, "analyze")]} for L in depths}
+    fns = {"plain": plain, "hooked": hooked, "analyze": whole}
+    points = [(L, w) for L in depths for w in fns]
+    t = round_robin(points, lambda p: clock(lambda: fns[p[1]](p[0])), repeats)
+    return {L: {w: t[(L, w)] for w in fns} for L in depths}
 
 
 # ----------------------------------------------------------------------------------- main
@@ -204,6 +209,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-width", type=int, default=4096)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, = cores)")
     ap.add_argument("--quick", action="store_true", help="widths to 1024, fewer points, 1 repeat")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -212,6 +218,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.repeats = 1
         args.max_width = min(args.max_width, 1024)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     mach = machine()
     print(f"# bench_scaling | {mach.get('cpu')} | nproc {mach['nproc']} | torch threads {mach['torch_threads']} | "
           f"load average at start {mach.get('loadavg')}", flush=True)
@@ -279,13 +287,17 @@ def main(argv=None) -> int:
     tokens = 4096 if args.quick else 8192
     dep = depth_times(depths, d_dep, tokens, 1024, args.repeats)
     s_plain = slope(depths, [dep[L]["plain"] for L in depths])
+    s_hook = slope(depths, [dep[L]["hooked"] for L in depths])
     s_whole = slope(depths, [dep[L]["analyze"] for L in depths])
     print(f"\n## Depth: stacks of Linear({d_dep}, {d_dep}) + GELU, {tokens} tokens\n")
-    print(table(["depth", "plain forward s", "analyze s", "analyze / plain"],
-                [[L, f"{dep[L]['plain']:.3f}", f"{dep[L]['analyze']:.3f}",
-                  f"{dep[L]['analyze'] / dep[L]['plain']:.1f}"] for L in depths]))
-    print(f"\nfitted slopes in depth: plain {s_plain:.2f}, analyze {s_whole:.2f} (expected 1)")
-    out["depth"] = {"d": d_dep, "tokens": tokens, "times": dep, "slope_plain": s_plain, "slope_analyze": s_whole}
+    print(table(["depth", "plain forward s", "hooked pass s", "analyze s", "hooked / plain", "analyze / plain",
+                 "(analyze - hooked) per layer s"],
+                [[L, f"{dep[L]['plain']:.3f}", f"{dep[L]['hooked']:.3f}", f"{dep[L]['analyze']:.3f}",
+                  f"{dep[L]['hooked'] / dep[L]['plain']:.1f}", f"{dep[L]['analyze'] / dep[L]['plain']:.1f}",
+                  f"{(dep[L]['analyze'] - dep[L]['hooked']) / L:.3f}"] for L in depths]))
+    print(f"\nfitted slopes in depth: plain {s_plain:.2f}, hooked {s_hook:.2f}, analyze {s_whole:.2f} (expected 1)")
+    out["depth"] = {"d": d_dep, "tokens": tokens, "times": dep, "slope_plain": s_plain, "slope_hooked": s_hook,
+                    "slope_analyze": s_whole}
 
     print(f"\nload average at end: {os.getloadavg()}")
     out["machine"]["loadavg_end"] = list(os.getloadavg())

@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=int, default=64, help="held-apart evaluation windows (default 64)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 128 MiniLM, 64 Llama)")
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
-    ap.add_argument("--rounds", type=int, default=1, help="alternated recommend/sweep rounds (default 1)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternated recommend/sweep rounds (default 2)")
     ap.add_argument("--llama", action="store_true", help="also the small Llama (trained once, ~1-2 min, cached)")
     ap.add_argument("--llama-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "specprune_bench_llama")
     ap.add_argument("--no-minilm", action="store_true")
