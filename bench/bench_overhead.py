@@ -308,8 +308,26 @@ def memory_child(args) -> dict:
         out["peak_delta"] = proc_status("VmHWM")["VmHWM"] - base
         out["batch_tokens"] = int(batches.batches[0]["attention_mask"].sum())
     else:
-        a = analyze_pass(model, batches, include)
-        out["peak_delta"] = proc_status("VmHWM")["VmHWM"] - base
+        # phase peaks: the hooked pass (VmHWM when run_probe returns, then reset) and the rest
+        import specprune.probe as sp_probe
+
+        real_run_probe = sp_probe.run_probe
+
+        def traced_run_probe(*a, **kw):
+            res = real_run_probe(*a, **kw)
+            st = proc_status("VmHWM", "VmRSS")
+            out["pass_peak_delta"] = st["VmHWM"] - base
+            out["rss_after_pass"] = st["VmRSS"] - base
+            reset_peak()
+            return res
+
+        sp_probe.run_probe = traced_run_probe
+        try:
+            a = analyze_pass(model, batches, include)
+        finally:
+            sp_probe.run_probe = real_run_probe
+        out["solve_peak_delta"] = proc_status("VmHWM")["VmHWM"] - base
+        out["peak_delta"] = max(out.get("pass_peak_delta", 0), out["solve_peak_delta"])
         out["groups"] = {k: int(g.dim) for k, g in a.groups.items()}
         out["library_estimate"] = a.memory
     return out
@@ -332,6 +350,18 @@ def run_child(kind: str, args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _lib_peak(est) -> str:
+    """specprune.memory's estimated peak from Analysis.memory, in MiB."""
+    try:
+        b = est["bytes"]
+        return f"{mib(b['host_peak'] if est.get('device') == 'cpu' else b['device_peak'])} MiB " \
+               f"(accumulators {mib(b['accumulators'])}, activations {mib(b['activations'])}, " \
+               f"eigensolve {mib(b['eigensolve'])}, eigenvectors {mib(b['eigenvectors'])}, " \
+               f"batch Gram {mib(b['batch_gram'])})"
+    except (KeyError, TypeError):
+        return "n/a"
+
+
 def memory_section(args) -> dict:
     act = run_child("activations", args)
     ana = run_child("analyze", args)
@@ -340,7 +370,9 @@ def memory_section(args) -> dict:
     work = 3 * 8 * max(dims) ** 2  # specprune.memory.EIGH_WORKSPACE (full solve)
     results = sum(8 * d * d for d in dims)  # eigenvectors kept as float64 (d x d per group)
     bound = 1.2 * (acc + work + act["peak_delta"])
-    return {"peak_minus_loaded": ana["peak_delta"], "accumulators": acc, "solver_workspace": work,
+    return {"peak_minus_loaded": ana["peak_delta"], "pass_peak": ana.get("pass_peak_delta"),
+            "rss_after_pass": ana.get("rss_after_pass"), "solve_fit_peak": ana.get("solve_peak_delta"),
+            "accumulators": acc, "solver_workspace": work,
             "one_batch_activations": act["peak_delta"], "eigenvectors_kept": results,
             "bound_1.2x": bound, "ratio_to_bound": ana["peak_delta"] / bound,
             "pass": ana["peak_delta"] <= bound, "library_estimate": ana.get("library_estimate"),
@@ -470,6 +502,10 @@ def main(argv=None) -> int:
                     [[mib(mem["peak_minus_loaded"]), mib(mem["accumulators"]), mib(mem["solver_workspace"]),
                       mib(mem["one_batch_activations"]), mib(mem["bound_1.2x"]), f"{mem['ratio_to_bound']:.2f}",
                       "PASS" if mem["pass"] else "FAIL", mib(mem["eigenvectors_kept"])]]))
+        print(f"\nby phase (MiB above the loaded model): peak during the hooked pass {mib(mem['pass_peak'] or 0)}, "
+              f"resident when it returns {mib(mem['rss_after_pass'] or 0)}, peak during solves + fits "
+              f"{mib(mem['solve_fit_peak'] or 0)}; specprune.memory's own estimate: "
+              f"{_lib_peak(mem['library_estimate'])}")
         if not mem["peak_reset_worked"]:
             print("(VmHWM could not be reset: the peak includes loading)")
         results["memory"] = mem

@@ -9,7 +9,7 @@ WeightWatcher's ``analyze()`` on the same model (weights only, no data), alterna
 
 The two commands, each timed from process start to exit (imports, model load and writing included):
 
-* specprune: ``specprune analyze MINILM --data TEXT --samples 64 --seq-len 128 --out DIR --format json``
+* specprune: ``python -m specprune analyze MINILM --data TEXT --samples 64 --seq-len 128 --out DIR --format json``
   (load, calibrate on 64 windows x 128 tokens, solve, fit, write analysis.json + spectra);
 * WeightWatcher: ``python -c "import weightwatcher as ww; from transformers import AutoModel;
   ww.WeightWatcher(model=AutoModel.from_pretrained(MINILM)).analyze()"`` (its default analysis: ESD of
@@ -74,8 +74,9 @@ def timed(cmd: list[str], env: dict, label: str) -> float:
 
 
 def specprune_cmd() -> list[str]:
-    exe = shutil.which("specprune")
-    return [exe] if exe else [sys.executable, "-m", "specprune"]
+    """``python -m specprune`` of this working tree (PYTHONPATH is set to the repository in ``main``), so
+    the measured code is the checkout's even when another copy is installed."""
+    return [sys.executable, "-m", "specprune"]
 
 
 WW_SCRIPT = ("import weightwatcher as ww\n"
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
         sys.exit("all-MiniLM-L6-v2 is not installed (specprune.toy.minilm_dir() is None)")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     ww_env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if args.ww_path:
         ww_env["PYTHONPATH"] = os.pathsep.join([args.ww_path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     probe = subprocess.run([sys.executable, "-c", "import weightwatcher, sys; print(weightwatcher.__version__)"],
