@@ -149,6 +149,8 @@ def predict_uniform(model, analysis, plan, *, bits: int | None = None, keep_frac
     sens, cm = det.get("sensitivities") or {}, det.get("calibration_map") or {}
     if not plan.calibrated or not sens or not cm:
         return {"predicted_delta": None, "predicted_delta_uncertainty": None, "predicted_raw": None}
+    if keep_fraction is not None and all(k in (det.get("truncation_map") or {}) for k in ("c", "p", "sigma")):
+        cm = det["truncation_map"]  # truncations have their own map
     cmap = CalibrationMap(float(cm["c"]), float(cm["p"]), float(cm["sigma"]))
     if keep_fraction is not None:
         raw, _ = uniform_truncation_raw(layer_views(analysis), keep_fraction, sens)

@@ -68,10 +68,13 @@ def analysis_or_model(target: str, arch, trust, include, exclude, device, spec: 
 def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | Path, *,
              include=None, exclude=None, device=None, metric="auto", methods=("prune", "quantize"),
              bits_choices=(2, 3, 4, 5, 6, 8), group_sizes=(None, 128), prune_method="whitened",
-             overwrite=False, export_dense=False, inputs=(), log=lambda m: None) -> dict:
+             overwrite=False, export_dense=False, inputs=(), log=lambda m: None, warn=None) -> dict:
     """analyze → recommend → apply → evaluate → save, into ``out`` (atomically). Returns the
     contract's compress JSON; raises :class:`ToleranceExceeded` (exit 3) after saving when the
-    measured delta exceeds the tolerance by more than the stated uncertainty."""
+    measured delta exceeds the tolerance by more than the stated uncertainty. ``warn`` receives the
+    recommender's warning when no allocation met the target on the calibration windows (``log`` when
+    not given)."""
+    warn = warn or log
     from .compress.apply import apply_
     from .compress.saved import save_compressed
     from .io import check_output_path, dumps, output_dir
@@ -88,6 +91,8 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=methods,
                      bits_choices=bits_choices, group_sizes=group_sizes, prune_method=prune_method,
                      source=loaded.source, seed=spec.seed)
+    if plan.details.get("warning"):
+        warn(plan.details["warning"])
     evaluator = Evaluator(loaded.model, evalb, metric)  # reference before the model changes
     log(f"applying the plan (predicted delta {plan.predicted_delta:.4g})")
     apply_(loaded.model, plan, analysis=analysis)

@@ -8,7 +8,8 @@ positions are dropped through the batch's attention mask), the probe keeps
 so the feature covariance is Σ = G / N. Precision: each batch's x is upcast to float32
 (fp16/bf16 models work), its Gram xᵀx is one float32 GEMM (TF32 off while the probe runs), and
 batches are summed into a float64 accumulator, so rounding does not grow with the number of
-batches. Placement: each accumulator computes on its layer's device (the device of the layer's
+batches. On the CPU the batch Gram is a BLAS ``ssyrk`` (the upper triangle only: half the
+multiply-adds), mirrored once when the probe closes. Placement: each accumulator computes on its layer's device (the device of the layer's
 weights; a model dispatched over several GPUs keeps each accumulator beside its layer); with
 ``offload`` the float64 sum lives in CPU memory instead and only the float32 batch Gram is made
 on the device. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
@@ -31,6 +32,11 @@ from torch import nn
 from .errors import InputError
 from .layers import TargetLayer
 
+try:  # symmetric rank-k update for CPU Grams (half a GEMM's work); GEMM when unavailable
+    from scipy.linalg.blas import ssyrk as _syrk
+except ImportError:  # pragma: no cover - scipy is a dependency
+    _syrk = None
+
 
 @dataclass
 class GramAccumulator:
@@ -45,13 +51,22 @@ class GramAccumulator:
     layers: list[str] = field(default_factory=list)
     offload: bool = False  # keep the float64 sum in CPU memory
 
+    triangular: bool = False  # the sum holds only its upper triangle until :meth:`finalize`
+
     def update(self, x: torch.Tensor) -> None:
-        """x: (tokens, d) features. G += xᵀx (fp32 GEMM on ``device``, fp64 sum on ``device`` or, with
-        ``offload``, on the CPU)."""
+        """x: (tokens, d) features. G += xᵀx (fp32 on ``device``, fp64 sum on ``device`` or, with
+        ``offload``, on the CPU). On the CPU the batch Gram is a symmetric rank-k update (BLAS
+        ``ssyrk``: the upper triangle only, half the multiply-adds of a GEMM); :meth:`finalize`
+        mirrors it once at the end."""
         if x.shape[0] == 0:
             return
         xf = x.to(self.device, torch.float32)
-        g = xf.t() @ xf
+        if xf.device.type == "cpu" and _syrk is not None:
+            a = xf.contiguous().numpy()  # (tokens, d), C order: a.T is Fortran-ordered, no copy
+            g = torch.from_numpy(_syrk(1.0, a.T, trans=0, lower=0))
+            self.triangular = True
+        else:
+            g = xf.t() @ xf
         del xf
         if not torch.isfinite(g).all():
             self.skipped_tokens += int(x.shape[0])
@@ -63,7 +78,14 @@ class GramAccumulator:
         self.gram += g
         self.tokens += int(x.shape[0])
 
+    def finalize(self) -> None:
+        """Mirror an upper-triangular sum into the full symmetric Gram (idempotent)."""
+        if self.triangular and self.gram is not None:
+            self.gram = torch.triu(self.gram) + torch.triu(self.gram, 1).t()
+        self.triangular = False
+
     def reset(self) -> None:
+        self.triangular = False
         self.gram = None
         self.tokens = 0
         self.skipped_tokens = 0
@@ -118,10 +140,12 @@ class SpectrumProbe:
         self.remove()
 
     def remove(self) -> None:
-        """Remove exactly the handles this probe registered."""
+        """Remove exactly the handles this probe registered (and complete the Grams)."""
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        for acc in self.accumulators.values():
+            acc.finalize()
         self._seen.clear()
         self._mask = None
 
@@ -186,6 +210,8 @@ class SpectrumProbe:
 
     # -- results ----------------------------------------------------------------------------
     def results(self) -> dict[str, GramAccumulator]:
+        for acc in self.accumulators.values():
+            acc.finalize()
         return self.accumulators
 
 

@@ -14,9 +14,12 @@ tolerance at the smallest size.
    that spends what is left of the budget. The first budget is 80% of the tolerance mapped
    back through the calibration map (calibration windows are not the evaluation windows).
 4. Verification: the chosen plan is applied temporarily and measured on up to 32 calibration
-   windows; the budget is rescaled by target/measured and the allocation repeated (at most five
-   rounds). The smallest plan whose measurement met the target is kept, and that measurement
-   is its calibrated prediction (the model-only prediction is kept in ``details``).
+   windows; the budget is rescaled by target/measured, kept inside the bracket of budgets known
+   to meet and to miss the target, and the allocation repeated (at most five rounds). The
+   smallest plan whose measurement met the target is kept — the uniform settings measured for
+   the calibration map compete too — and that measurement is its calibrated prediction (the
+   model-only prediction is kept in ``details``). When nothing met the target, the plan
+   measured closest to it is returned with ``details["warning"]``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ class Option:
 
     def delta(self, sens: LayerSensitivity) -> float:
         return sens.delta(self.d_quant, self.d_prune)
+
+    def parts(self, sens: LayerSensitivity) -> tuple[float, float]:
+        return sens.parts(self.d_quant, self.d_prune)
 
 
 def weight_bits(d_in: int, d_out: int, rank: int | None, bits: int | None, group_size: int | None,
@@ -137,10 +143,13 @@ def _combo_distortion(geom: LayerGeometry, method: str, k: int, bits: int) -> fl
     return geom.distortion(aq @ bq - geom.w)
 
 
-def allocate(options: dict[str, list[Option]], sens: dict[str, LayerSensitivity], budget: float) -> dict[str, Option]:
-    """Minimise Σ size subject to Σ δ ≤ budget (Lagrangian bisection + greedy fill)."""
+def allocate(options: dict[str, list[Option]], sens: dict[str, LayerSensitivity], budget: float,
+             weights: tuple[float, float] = (1.0, 1.0)) -> dict[str, Option]:
+    """Minimise Σ size subject to Σ δ ≤ budget (Lagrangian bisection + greedy fill); each option's δ
+    is w_q·(quantization part) + w_r·(truncation part)."""
     names = list(options)
-    deltas = {n: np.array([o.delta(sens[n]) for o in options[n]]) for n in names}
+    wq, wr = weights
+    deltas = {n: np.array([wq * q + wr * r for q, r in (o.parts(sens[n]) for o in options[n])]) for n in names}
     sizes = {n: np.array([o.size_bits for o in options[n]], dtype=np.float64) for n in names}
 
     def pick(mu: float) -> dict[str, int]:
@@ -188,11 +197,13 @@ def allocate(options: dict[str, list[Option]], sens: dict[str, LayerSensitivity]
     return {n: options[n][i] for n, i in best.items()}
 
 
-def _to_plan_layers(choice: dict[str, Option], sens: dict[str, LayerSensitivity],
-                    cmap: CalibrationMap) -> dict[str, LayerPlan]:
-    raw = {n: o.delta(sens[n]) for n, o in choice.items()}
+def _to_plan_layers(choice: dict[str, Option], sens: dict[str, LayerSensitivity], total: float,
+                    weights: tuple[float, float]) -> dict[str, LayerPlan]:
+    """Plan layers; the model-level prediction ``total`` is shared in proportion to each layer's
+    calibrated delta w_q·q + w_r·r."""
+    wq, wr = weights
+    raw = {n: wq * q + wr * r for n, (q, r) in ((n, o.parts(sens[n])) for n, o in choice.items())}
     total_raw = sum(raw.values())
-    total = cmap(total_raw)
     out = {}
     for n, o in choice.items():
         share = total * raw[n] / total_raw if total_raw > 0 else 0.0
@@ -242,10 +253,10 @@ class Recommender:
 
     def __init__(self, analysis, model: nn.Module, data=None, *, metric: str = "auto",
                  methods=("prune", "quantize"), bits_choices=DEFAULT_BITS, group_sizes=(None, 128),
-                 prune_method: str = "whitened", sensitivity_samples: int = 4, verify_samples: int = 32,
+                 prune_method: str = "whitened", sensitivity_samples: int | None = None, verify_samples: int = 32,
                  source: str | None = None):
         from .data import Batches, from_iterable
-        from .evaluation import Evaluator
+        from .evaluation import Evaluator, resolve_metric
 
         t0 = time.perf_counter()
         methods = tuple(methods)
@@ -282,17 +293,22 @@ class Recommender:
         self.verifier = None
         if self.calibrated:
             batches = data if isinstance(data, Batches) else from_iterable(data)
+            if sensitivity_samples is None:
+                sensitivity_samples = default_sensitivity_samples(resolve_metric(metric, model, batches))
             probe = Evaluator(model, _subset(batches, sensitivity_samples), metric, description="reference")
+            self.details["sensitivity_windows"] = probe.batches.samples
             self.sens = measure_sensitivities(self.layers, self.geoms, probe, model, self.prune_method)
             self.verifier = Evaluator(model, _subset(batches, verify_samples), metric, description="reference")
-            self.cmap = _calibrate_map(model, self.layers, self.options, self.sens, self.geoms, self.verifier,
-                                       bits_choices, self.prune_method)
+            self.cmap, self.rmap, self.measured_uniform = _calibrate_map(
+                model, self.layers, self.options, self.sens, self.geoms, self.verifier, bits_choices,
+                self.prune_method, self.option)
             self.metric = probe.metric
         else:
             self.sens = {lay.name: LayerSensitivity(lay.name, 1.0 / max(self.geoms[lay.name].energy, 1e-30),
                                                     1.0 / max(self.geoms[lay.name].energy, 1e-30))
                          for lay in self.layers}
-            self.cmap = CalibrationMap(1.0, 1.0, math.log(3.0))
+            self.cmap = self.rmap = CalibrationMap(1.0, 1.0, math.log(3.0))
+            self.measured_uniform = []
             self.metric = metric
         self.seconds = time.perf_counter() - t0
 
@@ -327,7 +343,24 @@ class Recommender:
 
     def predict(self, choice: dict[str, Option]) -> float:
         """Calibrated model-level prediction for an allocation (no measurement)."""
-        return self.cmap(sum(o.delta(self.sens[n]) for n, o in choice.items()))
+        q, r = self._parts(choice)
+        return self.cmap(q) + self.rmap(r)
+
+    def _parts(self, choice: dict[str, Option]) -> tuple[float, float]:
+        q = r = 0.0
+        for n, o in choice.items():
+            dq, dr = o.parts(self.sens[n])
+            q, r = q + dq, r + dr
+        return q, r
+
+    def uncertainty(self, delta: float) -> float:
+        """The maps' multiplicative uncertainty (the larger σ of the two) on a predicted delta."""
+        return float(delta * (math.exp(max(self.cmap.sigma, self.rmap.sigma)) - 1.0))
+
+    def weights(self, target: float) -> tuple[float, float]:
+        """Each map's slope δ/P at the target: the maps linearised where the plan will sit."""
+        return tuple(float(target / m.inverse(target)) if m.inverse(target) > 0 else 1.0
+                     for m in (self.cmap, self.rmap))
 
     def measure(self, choice: dict[str, Option], evaluator=None) -> float:
         """Measured delta of an allocation (on the verification windows unless ``evaluator`` is given)."""
@@ -347,39 +380,65 @@ class Recommender:
         t0 = time.perf_counter()
         if not tolerance > 0 or not math.isfinite(tolerance):
             raise InputError(f"--tolerance must be > 0, got {tolerance}")
-        sens, cmap, options = self.sens, self.cmap, self.options
+        sens, options = self.sens, self.options
         verify = verify and self.calibrated
         target = tolerance * TARGET_FRACTION
-        budget = cmap.inverse(target)
+        weights = self.weights(target)
+        budget = target  # in calibrated units: Σ w_q·q + w_r·r
         history: list[dict] = []
         accepted: tuple | None = None
-        last = None
+        last = closest = None
+        lo, hi = 0.0, math.inf  # budgets known to meet / to miss the target
+        chosen = "allocation" if not verify else "closest allocation (none met the target)"
         for _ in range(MAX_ROUNDS if verify else 1):
-            choice = allocate(options, sens, budget)
-            raw = sum(o.delta(sens[n]) for n, o in choice.items())
+            choice = allocate(options, sens, budget, weights)
+            raw = sum(self._parts(choice))
             size = self.size_bits(choice)
             last = (size, choice, None, None)
             if not verify or all(o.method is None and o.bits is None for o in choice.values()):
                 break
             measured = self.measure(choice)
             stderr = self.verifier.last_stderr
-            history.append({"budget": budget, "predicted_raw": raw, "predicted": cmap(raw),
+            history.append({"budget": budget, "predicted_raw": raw, "predicted": self.predict(choice),
                             "measured_on_calibration": measured,
                             "stderr": stderr if math.isfinite(stderr) else None, "size_bits": size})
             last = (size, choice, measured, stderr)
+            if closest is None or measured < closest[2]:
+                closest = last
             if measured <= target:
                 if accepted is None or size < accepted[0]:
                     accepted = (size, choice, measured, stderr)
+                    chosen = f"allocation, verification round {len(history)}"
                 if measured >= 0.75 * target:
                     break
-                budget *= min(2.0, (target / max(measured, 1e-12)) ** (1.0 / cmap.p))
+                lo = max(lo, budget)
+                proposal = budget * min(2.0, target / max(measured, 1e-12))
             else:
-                budget *= 0.9 * (target / measured) ** (1.0 / cmap.p)
-        size, choice, measured, stderr = accepted or last
-        plan_layers = _to_plan_layers(choice, sens, cmap)
-        pred = sum(lp.predicted_delta for lp in plan_layers.values())
+                hi = min(hi, budget)
+                proposal = budget * 0.9 * target / measured
+            # never step back outside what is known: below a budget that met the target or above one
+            # that did not (the measured delta is not monotone in the budget, the bracket is)
+            if not lo < proposal < hi:
+                proposal = math.sqrt(lo * hi) if lo > 0 and math.isfinite(hi) else \
+                    (lo * 1.5 if lo > 0 else hi * 0.5)
+            budget = proposal
+        # uniform settings measured for the calibration map compete too: never return a plan larger
+        # than one of them that already met the target on the same windows
+        for label, u_size, u_choice, u_measured, u_stderr in (self.measured_uniform if verify else ()):
+            if u_measured <= target and (accepted is None or u_size < accepted[0]):
+                accepted = (u_size, u_choice, u_measured, u_stderr)
+                chosen = label
+        # no round met the target: keep the plan measured closest to it and say so (plan.warning)
+        size, choice, measured, stderr = accepted or closest or last
+        warning = None
+        if verify and accepted is None and measured is not None:
+            warning = (f"no allocation measured within {target:.3%} (80% of the tolerance) on the calibration "
+                       f"windows in {len(history)} rounds; the closest measured {measured:.3%}. "
+                       "Use a larger --tolerance, fewer --methods, or more calibration --samples")
+        pred = self.predict(choice)
+        plan_layers = _to_plan_layers(choice, sens, pred, weights)
         model_prediction = pred
-        uncertainty = cmap.uncertainty(pred)
+        uncertainty = self.uncertainty(pred)
         if measured is not None:
             # the verified plan: its measurement on calibration windows is the calibrated prediction,
             # uncertain by its sampling error (2 standard errors) and at least 15%
@@ -397,18 +456,21 @@ class Recommender:
                     predicted_delta_uncertainty=uncertainty)
         plan.size = plan_size(self.model, plan)
         plan.details = {**self.details, "target": target, "model_prediction": model_prediction,
-                        "calibration_map": cmap.to_dict(), "verification": history,
+                        "calibration_map": self.cmap.to_dict(), "truncation_map": self.rmap.to_dict(),
+                        "verification": history, "chosen": chosen,
                         "sensitivities": {n: s.to_dict() for n, s in sens.items()},
                         "frontier": {lay.name: {"k_star": analysis.layer(lay.name).k_star,
                                                 "r_star": analysis.layer(lay.name).r_star}
                                      for lay in self.layers},
                         "seconds": round(self.seconds + time.perf_counter() - t0, 3)}
+        if warning:
+            plan.details["warning"] = warning
         return plan
 
 
 def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=None, *,
               metric: str = "auto", methods=("prune", "quantize"), bits_choices=DEFAULT_BITS,
-              group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int = 4,
+              group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int | None = None,
               verify_samples: int = 32, source: str | None = None, seed: int = 0, verify: bool = True) -> Plan:
     """A per-layer plan for ``tolerance`` (relative metric increase). With ``model`` and ``data``
     the prediction is calibrated by measurement (see module docstring); without data it is the
@@ -419,6 +481,14 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
                       group_sizes=group_sizes, prune_method=prune_method,
                       sensitivity_samples=sensitivity_samples, verify_samples=verify_samples, source=source)
     return rec.plan(tolerance, verify=verify)
+
+
+def default_sensitivity_samples(metric: str) -> int:
+    """Windows for the per-layer probes: 4 for the output-MSE metric (a smooth function of the
+    weights, nearly noiseless per window), 8 for losses (per-token cross-entropy carries a random
+    first-order part; on the small trained Llama 4 windows let the allocator pick layers whose
+    sensitivity was under-measured, and plans missed their target on verification)."""
+    return 4 if metric == "output-mse" else 8
 
 
 def _subset(batches, n: int):
@@ -441,21 +511,24 @@ def _take_windows(batches, n: int):
     return out
 
 
-def _calibrate_map(model, layers, options, sens, geoms, evaluator, bits_choices, pm) -> CalibrationMap:
-    """Measure a few uniform settings on the subset and fit δ ≈ c·P^p."""
-    settings = []
-    for b in (8, 6, 4, 3):
-        if b in bits_choices:
-            settings.append(("bits", b))
+def _calibrate_map(model, layers, options, sens, geoms, evaluator, bits_choices, pm, make_option):
+    """Measure uniform settings on the verification windows and fit one map δ ≈ c·P^p per kind:
+    quantization on uniform int-8/6/4/3/2 (those among the bit choices), truncation on a light
+    uniform truncation (rank 3/4 of full, built with ``make_option``) and two heavy ones (3/4 and
+    0.45 of the break-even rank). Returns (quantization map, truncation map, measured settings as
+    (label, size_bits, choice, measured, stderr)); the quantization map's ``points`` hold them all."""
+    settings = [("bits", b) for b in (8, 6, 4, 3, 2) if b in bits_choices]
     if pm is not None:
-        settings += [("rank", 0.75), ("rank", 0.45)]
-    points = []
+        settings += [("light rank", 0.75), ("rank", 0.75), ("rank", 0.45)]
+    points, measured_settings = [], []
     for kind, val in settings:
         choice = {}
         for lay in layers:
             opts = options[lay.name]
             if kind == "bits":
                 match = [o for o in opts if o.bits == val and o.rank is None and o.group_size is None]
+            elif kind == "light rank":
+                match = [make_option(lay.name, method=pm, rank=max(1, int(round(val * min(lay.d_in, lay.d_out)))))]
             else:
                 target = val * break_even_rank(lay.d_in, lay.d_out)
                 ranked = [o for o in opts if o.rank is not None and o.bits is None]
@@ -463,7 +536,21 @@ def _calibrate_map(model, layers, options, sens, geoms, evaluator, bits_choices,
             choice[lay.name] = match[0] if match else opts[0]
         if all(o.method is None and o.bits is None for o in choice.values()):
             continue
-        raw = sum(o.delta(sens[n]) for n, o in choice.items())
+        q = r = 0.0
+        for n, o in choice.items():
+            dq, dr = o.parts(sens[n])
+            q, r = q + dq, r + dr
         measured = measure_choice(model, choice, geoms, evaluator)
-        points.append({"setting": f"uniform {kind} {val}", "predicted_raw": raw, "measured": measured})
-    return CalibrationMap.fit(points)
+        se = evaluator.last_stderr if math.isfinite(evaluator.last_stderr) else None
+        label = f"uniform {kind} {val}"
+        points.append({"setting": label, "kind": "bits" if kind == "bits" else "rank",
+                       "predicted_raw": q if kind == "bits" else r, "measured": measured, "stderr": se})
+        measured_settings.append((label, Recommender.size_bits(choice), choice, measured, se))
+    quant = [pt for pt in points if pt["kind"] == "bits"]
+    trunc = [pt for pt in points if pt["kind"] == "rank"]
+    qmap = CalibrationMap.fit(quant or trunc)
+    rmap = CalibrationMap.fit(trunc) if trunc else CalibrationMap(qmap.c, qmap.p, qmap.sigma)
+    if trunc and rmap.points is trunc and not any(pt["measured"] > 0 for pt in trunc):
+        rmap = CalibrationMap(qmap.c, qmap.p, qmap.sigma, trunc)
+    qmap.points = points
+    return qmap, rmap, measured_settings

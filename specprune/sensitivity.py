@@ -12,15 +12,27 @@ How much of that reaches the metric depends on what follows the layer, so it is 
    deltas are averaged: the first-order term (which has either sign and does not survive on
    other data) cancels and the curvature term that compression really pays remains.
    Quantization is probed at two sizes (RTN int-5 and int-2, per channel), giving the layer's
-   response law δ_l(D) = s_l·D^{p_l} (p_l clipped to [0.7, 2]); pruning is probed once (a rank
-   truncation at half the factorization break-even rank) and shares p_l. Cost: six forward
-   passes of the probe windows per layer — a small multiple of one calibration pass.
+   response law δ_l(D) = s_l·D^{p_l} (p_l clipped to [0.7, 2]). Pruning is probed
+   with real truncations, *one-sided*: a truncation's weight change is not zero-mean noise but
+   removes output energy systematically, so its first-order term survives on any data (measured
+   on the small trained Llama: the antithetic mean under-predicts whole-model truncation 3–5×,
+   the one-sided sum is within 15%). A large truncation (rank half the factorization break-even
+   rank) anchors s; on a few windows its one-sided delta also carries a random first-order part
+   that can make it negative, so its antithetic mean (the curvature alone) is the floor. A light
+   truncation (rank 3/4 of full) gives the truncation's own exponent q (δ = s·D^q, clipped to
+   [0.5, 1.5]; 1 when the light probe is lost in its noise). Cost: seven forward passes of the
+   probe windows per layer — a small multiple of one calibration pass.
 2. **Additive prediction.** For a plan, P = Σ_l δ_l(D_l) summed over layers.
-3. **Global calibration map.** Layers interact (errors compound through later layers and
-   normalisations), so P is mapped to the measured delta by δ ≈ c·P^p, fitted in log-log
-   space on whole-model perturbations (uniform int-8/6/4/3, and uniform ranks when pruning is
-   allowed) measured on the verification windows (32 calibration windows). The spread of those
-   points around the fit gives the multiplicative uncertainty σ.
+3. **Global calibration maps.** Layers interact (errors compound through later layers and
+   normalisations), so each kind's sum is mapped to the measured delta by δ ≈ c·P^p, fitted in
+   log-log space on whole-model perturbations measured on the verification windows (32
+   calibration windows): uniform int-8/6/4/3/2 (those among the bit choices) for quantization,
+   and three uniform truncations (light: rank 3/4 of full; heavy: 3/4 and 0.45 of the
+   break-even rank) for pruning — the two kinds compound differently (measured on MiniLM:
+   whole-model truncation responds sublinearly to the per-layer sum, quantization linearly).
+   A plan's prediction is δ_q(P_q) + δ_r(P_r). Points lost in their sampling noise or below 0.1%
+   are left out and the others weighted by their precision; their spread around the fit gives
+   the multiplicative uncertainty σ.
 
 Noise model of the prediction: the actual RTN / truncation weight errors (not an
 idealised additive model), scored exactly per layer and mapped through measured sensitivities.
@@ -42,6 +54,7 @@ from .progress import track
 
 PROBE_BITS = (5, 2)
 MIN_SENSITIVITY = 1e-12
+MIN_MAP_DELTA = 1e-3
 
 
 @dataclass
@@ -51,19 +64,24 @@ class LayerSensitivity:
     name: str
     quant: float          # s for quantization-type ΔW
     prune: float | None   # s for low-rank truncation (None when pruning is not considered)
-    power: float = 1.0    # p, shared by both kinds
+    power: float = 1.0    # p of the quantization response
     probes: list[dict] = field(default_factory=list)
+    prune_power: float = 1.0  # q of the truncation response (see the module docstring)
+
+    def parts(self, d_quant: float, d_prune: float = 0.0) -> tuple[float, float]:
+        """(quantization part, truncation part) of the layer's predicted delta."""
+        q = self.quant * d_quant ** self.power if d_quant > 0 else 0.0
+        r = 0.0
+        if d_prune > 0:
+            r = self.prune * d_prune ** self.prune_power if self.prune is not None else self.quant * d_prune ** self.power
+        return q, r
 
     def delta(self, d_quant: float, d_prune: float = 0.0) -> float:
-        out = 0.0
-        if d_quant > 0:
-            out += self.quant * d_quant ** self.power
-        if d_prune > 0:
-            out += (self.prune if self.prune is not None else self.quant) * d_prune ** self.power
-        return out
+        return sum(self.parts(d_quant, d_prune))
 
     def to_dict(self) -> dict:
-        return {"quant": self.quant, "prune": self.prune, "power": self.power, "probes": self.probes}
+        return {"quant": self.quant, "prune": self.prune, "power": self.power, "prune_power": self.prune_power,
+                "probes": self.probes}
 
 
 @dataclass
@@ -90,19 +108,40 @@ class CalibrationMap:
         return float(delta * (math.exp(self.sigma) - 1.0))
 
     @classmethod
-    def fit(cls, points: list[dict], sigma_floor: float = 0.15) -> CalibrationMap:
-        """Least squares in log space over points with measured delta and additive prediction > 0."""
-        good = [pt for pt in points if pt["predicted_raw"] > 0 and pt["measured"] > 0]
+    def fit(cls, points: list[dict], sigma_floor: float = 0.15, model_sigma: float = 0.1) -> CalibrationMap:
+        """Weighted least squares of log δ on log P over the points whose measured delta stands out of
+        its sampling noise (measured > 2 standard errors, when a ``stderr`` is given) and, when two
+        such points reach it, is at least 0.1%: a near-zero measurement of a tiny perturbation says
+        little about the map and would drag it. Weights
+        1/(σ_rel² + model_sigma²), σ_rel = stderr/measured; the slope is fitted when the points span
+        more than a factor e in P, else p = 1."""
+        good = []
+        for pt in points:
+            if not (pt["predicted_raw"] > 0 and pt["measured"] > 0):
+                continue
+            se = pt.get("stderr")
+            if se is not None and math.isfinite(se) and pt["measured"] <= 2.0 * se:
+                continue
+            good.append(pt)
+        # deltas below MIN_MAP_DELTA (0.1%) are under any tolerance a plan is made for, and their
+        # relative noise, at the far end of the log scale, would tilt the slope: used only when
+        # fewer than two larger points exist
+        large = [pt for pt in good if pt["measured"] >= MIN_MAP_DELTA]
+        if len(large) >= 2:
+            good = large
         if not good:
             return cls(points=points)
         x = np.log([pt["predicted_raw"] for pt in good])
         y = np.log([pt["measured"] for pt in good])
-        if len(good) >= 3 and np.ptp(x) > 0.5:
-            p, logc = np.polyfit(x, y, 1)
+        rel = np.array([(pt["stderr"] / pt["measured"]) if pt.get("stderr") is not None
+                        and math.isfinite(pt["stderr"]) else 0.0 for pt in good])
+        w = 1.0 / (rel ** 2 + model_sigma ** 2)
+        if len(good) >= 3 and np.ptp(x) > 1.0:
+            p, logc = np.polyfit(x, y, 1, w=np.sqrt(w))
             p = float(np.clip(p, 0.6, 1.6))
-            logc = float(np.mean(y - p * x))
         else:
-            p, logc = 1.0, float(np.mean(y - x))
+            p = 1.0
+        logc = float(np.sum(w * (y - p * x)) / np.sum(w))
         resid = y - (logc + p * x)
         dof = max(len(good) - (2 if len(good) >= 3 else 1), 1)
         sigma = float(max(sigma_floor, math.sqrt(float(np.sum(resid ** 2)) / dof)))
@@ -211,14 +250,44 @@ def measure_sensitivities(layers: list[TargetLayer], geoms: dict[str, LayerGeome
         power, s_q = _response_law(probes)
         sens = LayerSensitivity(layer.name, s_q, None, power, probes)
         if prune_method is not None:
-            k = max(1, break_even_rank(g.d_in, g.d_out) // 2)
-            dp = g.low_rank_delta(prune_method, k)
-            dist = g.distortion(dp)
-            delta = antithetic_delta(layer, g.w, dp, evaluator, model)
-            probes.append({"kind": "prune", "rank": k, "distortion": dist, "delta": delta})
-            sens.prune = max(delta, 0.0) / dist ** power + MIN_SENSITIVITY if dist > 0 else MIN_SENSITIVITY
+            _probe_truncation(layer, g, evaluator, model, prune_method, sens)
         out[layer.name] = sens
     return out
+
+
+def _probe_truncation(layer: TargetLayer, g: LayerGeometry, evaluator: Evaluator, model: nn.Module,
+                      method: str, sens: LayerSensitivity) -> None:
+    """The truncation response δ = s·D^q from two real truncations: a large one (rank half the
+    break-even rank), measured one-sided and antithetically, and a light one (rank 3/4 of the
+    full rank), one-sided. q comes from the pair when the light one stands out of its sampling noise
+    (clipped to [0.5, 1.5]), else 1."""
+    k1 = max(1, break_even_rank(g.d_in, g.d_out) // 2)
+    k2 = max(k1 + 1, int(0.75 * min(g.d_in, g.d_out)))
+    dp = g.low_rank_delta(method, k1)
+    dist = g.distortion(dp)
+    with patched_weight(layer, g.w + dp):  # one-sided: the truncation itself
+        plus = evaluator.delta(model, "probe")
+    with patched_weight(layer, g.w - dp):
+        minus = evaluator.delta(model, "probe")
+    # the one-sided delta carries the truncation's systematic first-order term, but on a few windows
+    # also a random one that can make it negative; the antithetic mean (curvature only) is its floor
+    delta = max(plus, 0.5 * (plus + minus))
+    sens.probes.append({"kind": "prune", "rank": k1, "distortion": dist, "delta": delta,
+                        "one_sided": plus, "antithetic": 0.5 * (plus + minus)})
+    if dist <= 0 or delta <= 0:
+        sens.prune = MIN_SENSITIVITY
+        return
+    if k2 < min(g.d_in, g.d_out):
+        dp2 = g.low_rank_delta(method, k2)
+        dist2 = g.distortion(dp2)
+        with patched_weight(layer, g.w + dp2):
+            light = evaluator.delta(model, "probe")
+        se = evaluator.last_stderr
+        sens.probes.append({"kind": "prune", "rank": k2, "distortion": dist2, "delta": light,
+                            "stderr": se if math.isfinite(se) else None})
+        if 0 < dist2 < dist and light > 2.0 * (se if math.isfinite(se) else 0.0) and light > 0:
+            sens.prune_power = float(np.clip(math.log(delta / light) / math.log(dist / dist2), 0.5, 1.5))
+    sens.prune = delta / dist ** sens.prune_power + MIN_SENSITIVITY
 
 
 def _response_law(probes: list[dict]) -> tuple[float, float]:

@@ -83,6 +83,14 @@ class Ctx:
             console(stderr=True).print(message, highlight=False)
 
 
+    def warn(self, message: str) -> None:
+        """A warning on stderr, in every output mode (stdout stays machine-readable)."""
+        from ..distributed import is_main
+
+        if is_main():
+            sys.stderr.write(f"specprune: warning: {message}\n")
+
+
 def _json_default(o):
     from ..io import _default
 

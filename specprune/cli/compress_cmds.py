@@ -289,7 +289,7 @@ def compress_cmd(
         doc = compress(loaded, spec, tolerance, out, include=include, exclude=exclude, device=device,
                        metric=metric, methods=ms, bits_choices=bits, group_sizes=group_sizes,
                        prune_method=prune_method, overwrite=overwrite, export_dense=dense, inputs=inputs,
-                       log=ctx.info)
+                       log=ctx.info, warn=ctx.warn)
     except ToleranceExceeded as err:
         ctx.emit(err.result, render_compress)
         raise

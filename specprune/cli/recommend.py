@@ -133,6 +133,8 @@ def recommend_cmd(
     if out is not None and is_main():
         plan.save(out, inputs=inputs, overwrite=overwrite)
     doc = plan.to_dict()
+    if plan.details.get("warning"):
+        ctx.warn(plan.details["warning"])
     ctx.emit(doc, render_plan)
     if out is not None:
         ctx.info(f"wrote {out}")

@@ -312,11 +312,13 @@ def _calibration(plan: Any) -> tuple[dict[str, dict], dict] | None:
 def sensitivity_delta(sens: dict, distortion: float, kind: str = "prune") -> float:
     """A layer's measured response to a weight change of output-energy distortion D (the recommender's
     :class:`~specprune.sensitivity.LayerSensitivity` as saved in a plan): s·D^p, with s the pruning
-    sensitivity for ``kind == "prune"`` (the quantization one when absent) and p its ``power`` (1 if absent)."""
+    sensitivity and p its ``prune_power`` for ``kind == "prune"`` (the quantization ones when absent),
+    else the quantization s and ``power`` (1 if absent)."""
     if distortion <= 0:
         return 0.0
-    s = sens.get("prune") if kind == "prune" and sens.get("prune") is not None else sens.get("quant", 0.0)
-    return float(s) * float(distortion) ** float(sens.get("power", 1.0) or 1.0)
+    if kind == "prune" and sens.get("prune") is not None:
+        return float(sens["prune"]) * float(distortion) ** float(sens.get("prune_power", sens.get("power", 1.0)) or 1.0)
+    return float(sens.get("quant", 0.0)) * float(distortion) ** float(sens.get("power", 1.0) or 1.0)
 
 
 def uniform_truncation_raw(views: Sequence[LayerView], keep_fraction: float,
@@ -357,6 +359,9 @@ def predicted_pruning_curve(analysis: Any, plan: Any = None, keep: Sequence[floa
     cal = _calibration(plan)
     if cal is not None:
         sens, cmap = cal
+        tmap = ((_as_dict(plan) or {}).get("details") or {}).get("truncation_map")
+        if isinstance(tmap, dict) and all(k in tmap for k in ("c", "p", "sigma")):
+            cmap = tmap  # the truncation kind's own map (plans made since it exists)
         raw = np.array([uniform_truncation_raw(views, x, sens)[0] for x in f])
         delta = float(cmap["c"]) * np.power(np.clip(raw, 0, None), float(cmap["p"]))
         s = float(cmap["sigma"])

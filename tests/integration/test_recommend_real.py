@@ -29,10 +29,10 @@ def plan_weight_bits(rec: Recommender, plan) -> int:
     return total
 
 
-def run_case(model_dir, text_file, seq_len):
+def run_case(model_dir, text_file, seq_len, eval_samples=48):
     loaded = load_model(str(model_dir))
     calib = load_data([text_file], loaded.tokenizer, samples=64, seq_len=seq_len, batch_size=8)
-    evalb = load_data([text_file], loaded.tokenizer, samples=48, seq_len=seq_len, batch_size=8,
+    evalb = load_data([text_file], loaded.tokenizer, samples=eval_samples, seq_len=seq_len, batch_size=8,
                       split="evaluation")
     analysis = analyze(loaded.model, calib)
     rec = Recommender(analysis, loaded.model, calib)
@@ -89,4 +89,6 @@ def test_minilm_recommend_meets_tolerance_and_beats_uniform(minilm_dir, text_fil
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_trained_llama_recommend_meets_tolerance_and_beats_uniform(trained_llama, text_file):
-    check(run_case(trained_llama, text_file, 64))
+    # next-token cross-entropy is a noisy metric: 256 held-apart windows (of ~500) keep the sampling
+    # error of a 0.2% delta near ±20%, so the factor-2 check tests the prediction, not the noise
+    check(run_case(trained_llama, text_file, 64, eval_samples=256))

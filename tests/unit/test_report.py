@@ -213,15 +213,18 @@ def test_pruning_curve_uncalibrated_is_the_energy_tail(analysis):
 def test_pruning_curve_calibrated_with_measured_points(analysis, plan_doc, compressed):
     from specprune.report.figures import predicted_pruning_curve, pruning_curve_figure
 
-    cm = plan_doc["details"]["calibration_map"]
+    cm = plan_doc["details"]["truncation_map"]  # truncations have their own map
     sens = plan_doc["details"]["sensitivities"]
     curve = predicted_pruning_curve(analysis, plan_doc, keep=[0.5])
-    raw = 0.0  # the recommender's response model, δ_l = s_l·D_l^p_l, summed over the planned layers
+    raw = 0.0  # the recommender's response model, δ_l = s_l·D_l^q_l, summed over the planned layers
     for lay in analysis.layers:
         s = sens[lay.name]
         d = float(np.clip(lay.mode_energy, 0, None)[round(0.5 * lay.k_max):].sum())
-        coef = s["prune"] if s.get("prune") is not None else s["quant"]
-        raw += coef * d ** s.get("power", 1.0) if d > 0 else 0.0
+        if s.get("prune") is not None:
+            coef, power = s["prune"], s["prune_power"]
+        else:
+            coef, power = s["quant"], s.get("power", 1.0)
+        raw += coef * d ** power if d > 0 else 0.0
     assert curve["calibrated"]
     assert curve["delta"][0] == pytest.approx(cm["c"] * raw ** cm["p"])
     assert curve["hi"][0] / curve["delta"][0] == pytest.approx(math.exp(cm["sigma"]))
