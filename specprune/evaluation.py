@@ -248,10 +248,11 @@ class Evaluator:
         r = [p[0] for p in self._ref_parts]
         (num,) = all_reduce_scalars(sum(a))
         d = num / self.reference_sum if self.metric == "output-mse" else num / abs(self.reference_sum)
-        nb = len(a)
+        # batch counts and residuals summed over ranks: the same standard error as one process
+        nb, resid = all_reduce_scalars(len(a), sum((ai - d * ri) ** 2 for ai, ri in zip(a, r)))
+        nb = int(round(nb))
         if nb > 1:
-            resid = sum((ai - d * ri) ** 2 for ai, ri in zip(a, r))
-            self.last_stderr = float((nb / (nb - 1) * resid) ** 0.5 / abs(sum(r)))
+            self.last_stderr = float((nb / (nb - 1) * resid) ** 0.5 / abs(self.reference_sum))
         else:
             self.last_stderr = float("nan")
         return float(d)

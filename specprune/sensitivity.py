@@ -55,6 +55,7 @@ from .progress import track
 PROBE_BITS = (5, 2)
 MIN_SENSITIVITY = 1e-12
 MIN_MAP_DELTA = 1e-3
+SLOPE_PRIOR_NATS = 0.5  # the calibration map's slope prior (see CalibrationMap.fit)
 
 
 @dataclass
@@ -112,9 +113,8 @@ class CalibrationMap:
         """Weighted least squares of log δ on log P over the points whose measured delta stands out of
         its sampling noise (measured > 2 standard errors, when a ``stderr`` is given) and, when two
         such points reach it, is at least 0.1%: a near-zero measurement of a tiny perturbation says
-        little about the map and would drag it. Weights
-        1/(σ_rel² + model_sigma²), σ_rel = stderr/measured; the slope is fitted when the points span
-        more than a factor e in P, else p = 1."""
+        little about the map and would drag it. Weights 1/(σ_rel² + model_sigma²), σ_rel =
+        stderr/measured; the slope is shrunk toward 1 by a ridge (prior width SLOPE_PRIOR_NATS)."""
         good = []
         for pt in points:
             if not (pt["predicted_raw"] > 0 and pt["measured"] > 0):
@@ -136,11 +136,15 @@ class CalibrationMap:
         rel = np.array([(pt["stderr"] / pt["measured"]) if pt.get("stderr") is not None
                         and math.isfinite(pt["stderr"]) else 0.0 for pt in good])
         w = 1.0 / (rel ** 2 + model_sigma ** 2)
-        if len(good) >= 3 and np.ptp(x) > 1.0:
-            p, logc = np.polyfit(x, y, 1, w=np.sqrt(w))
-            p = float(np.clip(p, 0.6, 1.6))
-        else:
-            p = 1.0
+        # the slope, shrunk toward 1 (additive, second-order responses) by a ridge of weight W·s0²:
+        # points spanning little of the log scale barely move it, wide spans set it; smooth in the
+        # data, so near-identical inputs give near-identical maps
+        xm = float(np.sum(w * x) / np.sum(w))
+        z = y - x
+        zm = float(np.sum(w * z) / np.sum(w))
+        sxx = float(np.sum(w * (x - xm) ** 2))
+        p = 1.0 + float(np.sum(w * (x - xm) * (z - zm))) / (sxx + float(np.sum(w)) * SLOPE_PRIOR_NATS ** 2)
+        p = float(np.clip(p, 0.6, 1.6))
         logc = float(np.sum(w * (y - p * x)) / np.sum(w))
         resid = y - (logc + p * x)
         dof = max(len(good) - (2 if len(good) >= 3 else 1), 1)

@@ -446,13 +446,17 @@ class _Builder:
         cmap = det.get("calibration_map") or {}
         why = [(f"Of {len(layers)} layers, {n_q} are quantized ({hist or 'none'}) and {n_fact} are factorized to a "
                "lower rank; the rest are kept.")]
+        tmap = det.get("truncation_map") or {}
         if plan.get("calibrated") and cmap:
+            maps = (f"a map δ ≈ c·P^p (c = {_f(cmap.get('c'), '.3g')}, p = {_f(cmap.get('p'), '.3g')}"
+                    + (f"; for truncations c = {_f(tmap.get('c'), '.3g')}, p = {_f(tmap.get('p'), '.3g')}"
+                       if tmap else "") + ")")
             why.append(f"Each candidate's layer distortion tr(ΔW Σ ΔWᵀ) is exact from the layer's input covariance; "
-                       f"per-layer sensitivities measured by noise injection turn it into a metric change, and a map "
-                       f"δ ≈ c·P^p (c = {_f(cmap.get('c'), '.3g')}, p = {_f(cmap.get('p'), '.3g')}) fitted on "
+                       f"per-layer sensitivities measured by injecting each layer's real weight change turn it into a "
+                       f"metric change, and {maps} fitted on "
                        f"{len(cmap.get('points') or [])} measured whole-model perturbations gives the prediction, with "
                        f"a multiplicative uncertainty e^σ, σ = {_f(cmap.get('sigma'), '.2f')}. The smallest plan whose "
-                       "prediction stays inside the tolerance was chosen.")
+                       "measurement on calibration windows stays inside the tolerance was chosen.")
         frontier = det.get("frontier") or {}
         kstars = {n: (frontier.get(n) or {}).get("k_star") for n in layers}
         if a is not None:

@@ -94,8 +94,6 @@ def test_evaluate_torchrun_matches_single_process(tiny_dirs, small_text_file, qu
     assert dist["measured_delta"] == pytest.approx(single["measured_delta"], rel=1e-6, abs=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="Evaluator.delta computes measured_delta_stderr from this rank's "
-                                       "batches only (nb, resid, Σr are not all-reduced)")
 def test_evaluate_torchrun_stderr_matches_single_process(tiny_dirs, small_text_file, quantized_llama):
     args = ["evaluate", str(quantized_llama), "--reference", str(tiny_dirs["llama"]), "--data",
             str(small_text_file), "--samples", "32", "--seq-len", "32", "--batch-size", "4", "--format", "json"]

@@ -89,6 +89,6 @@ def test_minilm_recommend_meets_tolerance_and_beats_uniform(minilm_dir, text_fil
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_trained_llama_recommend_meets_tolerance_and_beats_uniform(trained_llama, text_file):
-    # next-token cross-entropy is a noisy metric: 256 held-apart windows (of ~500) keep the sampling
-    # error of a 0.2% delta near ±20%, so the factor-2 check tests the prediction, not the noise
-    check(run_case(trained_llama, text_file, 64, eval_samples=256))
+    # next-token cross-entropy is a noisy metric: all ~500 held-apart windows keep the sampling error
+    # of a 0.1% delta near ±15%, so the factor-2 check tests the prediction, not the noise
+    check(run_case(trained_llama, text_file, 64, eval_samples=512))
