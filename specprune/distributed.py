@@ -39,6 +39,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def shutdown() -> None:
+    """Destroy the process group explicitly at exit (left to interpreter teardown, gloo's threads
+    can be destroyed while joinable and abort the process: seen once under load in CI)."""
+    d = _dist()
+    if d is not None:
+        try:
+            d.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit; the command's result stands
+            pass
+
+
 def init_from_env() -> bool:
     """Initialise the process group from torchrun's environment (WORLD_SIZE > 1); gloo unless every
     rank has a GPU. Returns True when running distributed."""

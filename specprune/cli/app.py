@@ -57,8 +57,14 @@ def main() -> None:
 
     _terminate_as_interrupt()
     _quiet_third_party()
-    init_from_env()  # under torchrun: one process group, rank 0 writes
-    app()
+    distributed = init_from_env()  # under torchrun: one process group, rank 0 writes
+    try:
+        app()
+    finally:
+        if distributed:
+            from ..distributed import shutdown
+
+            shutdown()
 
 
 def _terminate_as_interrupt() -> None:
