@@ -8,8 +8,8 @@ positions are dropped through the batch's attention mask), the probe keeps
 so the feature covariance is Σ = G / N. Precision: each batch's x is upcast to float32
 (fp16/bf16 models work), its Gram xᵀx is one float32 GEMM (TF32 off while the probe runs), and
 batches are summed into a float64 accumulator, so rounding does not grow with the number of
-batches. On the CPU the batch Gram is a BLAS ``ssyrk`` (the upper triangle only: half the
-multiply-adds), mirrored once when the probe closes. Placement: each accumulator computes on its layer's device (the device of the layer's
+batches (on the CPU a float32 running sum takes 8 batches' GEMMs in place, β = 1, before it joins the
+float64 one). Placement: each accumulator computes on its layer's device (the device of the layer's
 weights; a model dispatched over several GPUs keeps each accumulator beside its layer); with
 ``offload`` the float64 sum lives in CPU memory instead and only the float32 batch Gram is made
 on the device. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
@@ -32,10 +32,7 @@ from torch import nn
 from .errors import InputError
 from .layers import TargetLayer
 
-try:  # symmetric rank-k update for CPU Grams (half a GEMM's work); GEMM when unavailable
-    from scipy.linalg.blas import ssyrk as _syrk
-except ImportError:  # pragma: no cover - scipy is a dependency
-    _syrk = None
+FLUSH_EVERY = 8  # CPU: batches summed in float32 before they join the float64 sum
 
 
 @dataclass
@@ -51,41 +48,72 @@ class GramAccumulator:
     layers: list[str] = field(default_factory=list)
     offload: bool = False  # keep the float64 sum in CPU memory
 
-    triangular: bool = False  # the sum holds only its upper triangle until :meth:`finalize`
+    _buf: torch.Tensor | None = field(default=None, repr=False)  # CPU: float32 running sum
+    _buf_tokens: int = 0
+    _buf_batches: int = 0
 
     def update(self, x: torch.Tensor) -> None:
-        """x: (tokens, d) features. G += xᵀx (fp32 on ``device``, fp64 sum on ``device`` or, with
-        ``offload``, on the CPU). On the CPU the batch Gram is a symmetric rank-k update (BLAS
-        ``ssyrk``: the upper triangle only, half the multiply-adds of a GEMM); :meth:`finalize`
-        mirrors it once at the end."""
-        if x.shape[0] == 0:
+        """x: (tokens, d) features; G += xᵀx. A batch with a NaN/Inf feature is left out whole
+        (``skipped_tokens``): NaN and Inf propagate into ``x.sum()``, an O(N·d) check; only when that
+        sum is not finite are the elements themselves checked (a finite batch can overflow its sum).
+
+        On the CPU each batch's xᵀx is accumulated in place into a float32 running sum (one GEMM with
+        β = 1: no batch Gram is allocated), flushed into the float64 sum every FLUSH_EVERY batches (so
+        at most that many batch Grams are added in float32). Elsewhere (CUDA) it is one float32 GEMM
+        per batch added to the float64 sum on ``device`` or, with ``offload``, in CPU memory. (A BLAS
+        ``ssyrk`` through scipy would halve the multiply-adds, but scipy's OpenBLAS threads then
+        compete with torch's for the cores: measured 7.4× the plain forward against 2.5× here.)"""
+        n = int(x.shape[0])
+        if n == 0:
             return
         xf = x.to(self.device, torch.float32)
-        if xf.device.type == "cpu" and _syrk is not None:
-            a = xf.contiguous().numpy()  # (tokens, d), C order: a.T is Fortran-ordered, no copy
-            g = torch.from_numpy(_syrk(1.0, a.T, trans=0, lower=0))
-            self.triangular = True
-        else:
-            g = xf.t() @ xf
+        if not bool(torch.isfinite(xf.sum())) and not bool(torch.isfinite(xf).all()):
+            self.skipped_tokens += n
+            return
+        if xf.device.type == "cpu":
+            if self._buf is None:
+                self._buf = torch.zeros(self.d, self.d, dtype=torch.float32)
+            self._buf.addmm_(xf.t(), xf)
+            self._buf_tokens += n
+            self._buf_batches += 1
+            if self._buf_batches >= FLUSH_EVERY:
+                self._flush()
+            return
+        g = xf.t() @ xf
         del xf
-        if not torch.isfinite(g).all():
-            self.skipped_tokens += int(x.shape[0])
+        if not bool(torch.isfinite(g.diagonal()).all()):  # |g_ij| ≤ √(g_ii g_jj): the diagonal says it
+            self.skipped_tokens += n
             return
         if self.offload and g.device.type != "cpu":
             g = g.cpu()
         if self.gram is None:
             self.gram = torch.zeros(self.d, self.d, dtype=torch.float64, device=g.device)
         self.gram += g
-        self.tokens += int(x.shape[0])
+        self.tokens += n
+
+    def _flush(self) -> None:
+        """Add the float32 running sum into the float64 one."""
+        if self._buf is None or self._buf_batches == 0:
+            return
+        with torch.inference_mode():  # the sums were made in the probe's inference mode
+            if bool(torch.isfinite(self._buf.diagonal()).all()):
+                if self.gram is None:
+                    self.gram = torch.zeros(self.d, self.d, dtype=torch.float64)
+                self.gram += self._buf
+                self.tokens += self._buf_tokens
+            else:  # finite features whose squares overflow float32 (|x| > 1.8e19): these batches are lost
+                self.skipped_tokens += self._buf_tokens
+            self._buf.zero_()
+        self._buf_tokens = self._buf_batches = 0
 
     def finalize(self) -> None:
-        """Mirror an upper-triangular sum into the full symmetric Gram (idempotent)."""
-        if self.triangular and self.gram is not None:
-            self.gram = torch.triu(self.gram) + torch.triu(self.gram, 1).t()
-        self.triangular = False
+        """Flush the float32 running sum into the float64 one and free it (idempotent)."""
+        self._flush()
+        self._buf = None
 
     def reset(self) -> None:
-        self.triangular = False
+        self._buf = None
+        self._buf_tokens = self._buf_batches = 0
         self.gram = None
         self.tokens = 0
         self.skipped_tokens = 0

@@ -27,7 +27,7 @@ from specprune.memory import (
     free_memory,
     plan_memory,
 )
-from specprune.probe import discover_input_groups, run_probe
+from specprune.probe import SpectrumProbe, discover_input_groups, run_probe
 from specprune.randomized import compare_to_full, flat_tail_effective_rank, lumped_distortion, randomized_eigh
 from specprune.toy import tiny_model
 
@@ -93,17 +93,20 @@ def test_memory_estimate_by_hand_tiny_llama():
 
     est = estimate_analysis_memory(layers, groups=groups, batch_tokens=64)
     assert not est.upper_bound and est.groups == 9 and est.layers == 15
-    assert est.accumulators == 8 * (7 * 64**2 + 2 * 192**2) == 819_200
-    assert est.batch_gram == 4 * 192**2 == 147_456
+    # on a CPU: float64 sum + float32 running sum per group, no transient batch Gram
+    assert est.accumulators == (8 + 4) * (7 * 64**2 + 2 * 192**2) == 1_228_800
+    assert est.batch_gram == 0
     assert est.eigensolve == 8 * EIGH_WORKSPACE * 192**2
-    assert est.eigenvectors == est.accumulators  # full solves keep d² eigenvectors per group
+    assert est.eigenvectors == 8 * (7 * 64**2 + 2 * 192**2)  # full solves keep d² eigenvectors per group
     assert est.activations == 6 * 4 * 64 * 192  # widest layer dimension: the MLP's 192 (head: 128)
     assert est.device_bytes == est.accumulators + est.eigenvectors + max(est.batch_gram + est.activations,
                                                                          est.eigensolve)
     # without the groups every layer counts alone: an upper bound, here 15 accumulators
     ub = estimate_analysis_memory(layers, batch_tokens=64)
     assert ub.upper_bound and ub.groups == 15
-    assert ub.accumulators == 8 * (13 * 64**2 + 2 * 192**2) > est.accumulators
+    assert ub.accumulators == 12 * (13 * 64**2 + 2 * 192**2) > est.accumulators
+    cuda = estimate_analysis_memory(layers, groups=groups, batch_tokens=64, device="cuda")
+    assert cuda.accumulators == 8 * (7 * 64**2 + 2 * 192**2) and cuda.batch_gram == 4 * 192**2
 
 
 def test_memory_estimate_randomized_groups_and_offload_split():
@@ -196,7 +199,7 @@ def test_analyze_checks_memory_up_front_and_records_it(monkeypatch, tmp_path):
     lines: list[str] = []
     res = analyze(model, _token_batches(128), include=block0, memory_check=False, log=lines.append)
     assert any(line.startswith("memory: ") for line in lines)
-    assert res.memory["bytes"]["accumulators"] == 8 * (3 * 64**2 + 192**2)
+    assert res.memory["bytes"]["accumulators"] == 12 * (3 * 64**2 + 192**2)  # CPU: float64 + float32 sums
     assert res.memory["upper_bound"] is False and res.memory["groups"] == 4 and res.memory["layers"] == 7
     assert res.to_dict()["memory"] == res.memory
     res.save(tmp_path)
@@ -208,10 +211,17 @@ def test_memory_estimate_bounds_measured_accumulator_bytes():
     model = tiny_model("llama", vocab_size=128)
     layers = select_layers(model)
     batches = _token_batches(128)
-    probe = run_probe(model, layers, batches.batches)
-    allocated = sum(a.gram.numel() * a.gram.element_size() for a in probe.results().values())
+    probe = SpectrumProbe(model, layers)
+    with probe, torch.inference_mode():
+        for b in batches.batches:
+            probe.set_batch(b)
+            model(**b)
+        for acc in probe.accumulators.values():  # both sums alive at once, as during a long pass
+            acc._flush()
+        allocated = sum(a.gram.numel() * a.gram.element_size() + a._buf.nbytes for a in probe.accumulators.values())
     est = estimate_analysis_memory(layers, groups=probe.layer_acc)
     assert allocated == est.accumulators
+    assert all(a._buf is None for a in probe.results().values())  # the float32 sums go at the end
 
 
 # ------------------------------------------------------------------------------------ offload / TF32
