@@ -659,7 +659,7 @@ def estimate_frontier(
     # comparable), then the best start of each floor kind is polished on every mode
     lk_b, y_b, w_b = _log_bins(lk, y, wts)
     kinds = ("decaying", "constant") if floor == "auto" else (floor,)
-    best, best_kind = None, kinds[0]
+    screened = []
     for kind in kinds:
         screen = _FrontierModel(lk_b, decaying=kind == "decaying")
         cand = None
@@ -667,8 +667,15 @@ def estimate_frontier(
             r = _lsq(screen, y_b, w_b, th0, bounds1, sigma, max_nfev=40)
             if r is not None and (cand is None or r.cost < cand.cost):
                 cand = r
-        if cand is None:
-            continue
+        if cand is not None:
+            screened.append((cand.cost, kind, cand))
+    # polish on every mode: the better-screened floor kind first; the other only when the two screened
+    # within 20% of each other (a polish is most of the fit's cost)
+    screened.sort(key=lambda t: t[0])
+    best, best_kind = None, kinds[0]
+    for i, (cost, kind, cand) in enumerate(screened):
+        if i > 0 and cost > 1.2 * screened[0][0]:
+            break
         model = _FrontierModel(lk, decaying=kind == "decaying")
         cand = _lsq(model, y, wts, cand.x, bounds1, sigma, max_nfev=300)
         if cand is None:
