@@ -6,8 +6,8 @@ d_g its width, k_g the modes solved for it, T the counted tokens of one batch, w
 dimension, in or out):
 
 * accumulators   A = Σ_g 8 d_g²                 float64 Gram sums, alive for the whole pass (on a CPU
-                                                Σ_g 12 d_g²: each group also keeps a float32 running sum
-                                                that each batch's GEMM accumulates into in place);
+                                                Σ_g 12 d_g²: each group also keeps the float32 buffer its
+                                                batch GEMM writes into, for the whole pass);
 * batch Gram     B = 4 max_g d_g²               one float32 ``xᵀx`` per hook call (transient; 0 on a CPU);
 * activations    X = c_X · 4 T w, c_X = 6       the model's own live tensors for one batch plus the hook's
                                                 float32 copy of its input — a rough rule (attention score
@@ -201,7 +201,7 @@ def estimate_analysis_memory(layers: Sequence, *, offload: bool = False, groups:
     widest_in = max(p.d for p in plans)
     width = max(max(int(lay.d_in), int(lay.d_out)) for lay in layers)
     on_cpu = torch.device(device).type == "cpu"
-    # on a CPU each group also keeps a float32 running sum (specprune.probe) and no batch Gram is made
+    # on a CPU each group keeps its float32 batch-Gram buffer for the whole pass (specprune.probe)
     acc = sum((FP64 + (FP32 if on_cpu else 0)) * p.d * p.d for p in plans)
     gram = 0 if on_cpu else FP32 * widest_in * widest_in
     act = ACTIVATION_FACTOR * FP32 * int(batch_tokens) * width

@@ -8,8 +8,7 @@ positions are dropped through the batch's attention mask), the probe keeps
 so the feature covariance is Σ = G / N. Precision: each batch's x is upcast to float32
 (fp16/bf16 models work), its Gram xᵀx is one float32 GEMM (TF32 off while the probe runs), and
 batches are summed into a float64 accumulator, so rounding does not grow with the number of
-batches (on the CPU a float32 running sum takes 8 batches' GEMMs in place, β = 1, before it joins the
-float64 one). Placement: each accumulator computes on its layer's device (the device of the layer's
+batches (on the CPU the batch Gram is written into a buffer kept for the whole pass). Placement: each accumulator computes on its layer's device (the device of the layer's
 weights; a model dispatched over several GPUs keeps each accumulator beside its layer); with
 ``offload`` the float64 sum lives in CPU memory instead and only the float32 batch Gram is made
 on the device. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
@@ -32,9 +31,6 @@ from torch import nn
 from .errors import InputError
 from .layers import TargetLayer
 
-FLUSH_EVERY = 8  # CPU: batches summed in float32 before they join the float64 sum
-
-
 @dataclass
 class GramAccumulator:
     """Streaming Σ xxᵀ for one input tensor (possibly shared by several layers)."""
@@ -48,19 +44,17 @@ class GramAccumulator:
     layers: list[str] = field(default_factory=list)
     offload: bool = False  # keep the float64 sum in CPU memory
 
-    _buf: torch.Tensor | None = field(default=None, repr=False)  # CPU: float32 running sum
-    _buf_tokens: int = 0
-    _buf_batches: int = 0
+    _buf: torch.Tensor | None = field(default=None, repr=False)  # CPU: the float32 batch Gram's buffer
 
     def update(self, x: torch.Tensor) -> None:
         """x: (tokens, d) features; G += xᵀx. A batch with a NaN/Inf feature is left out whole
         (``skipped_tokens``): NaN and Inf propagate into ``x.sum()``, an O(N·d) check; only when that
         sum is not finite are the elements themselves checked (a finite batch can overflow its sum).
 
-        On the CPU each batch's xᵀx is accumulated in place into a float32 running sum (one GEMM with
-        β = 1: no batch Gram is allocated), flushed into the float64 sum every FLUSH_EVERY batches (so
-        at most that many batch Grams are added in float32). Elsewhere (CUDA) it is one float32 GEMM
-        per batch added to the float64 sum on ``device`` or, with ``offload``, in CPU memory. (A BLAS
+        Each batch's Gram is one float32 GEMM (on the CPU written into a float32 buffer kept for the
+        whole pass, so no d² tensor is allocated per batch) added to the float64 sum on ``device`` or,
+        with ``offload``, in CPU memory. Batch Grams are never summed in float32: a distributed run
+        (other batches per rank) then gives the single-process sums to float64 rounding. (A BLAS
         ``ssyrk`` through scipy would halve the multiply-adds, but scipy's OpenBLAS threads then
         compete with torch's for the cores: measured 7.4× the plain forward against 2.5× here.)"""
         n = int(x.shape[0])
@@ -72,17 +66,13 @@ class GramAccumulator:
             return
         if xf.device.type == "cpu":
             if self._buf is None:
-                self._buf = torch.zeros(self.d, self.d, dtype=torch.float32)
-            self._buf.addmm_(xf.t(), xf)
-            self._buf_tokens += n
-            self._buf_batches += 1
-            if self._buf_batches >= FLUSH_EVERY:
-                self._flush()
-            return
-        g = xf.t() @ xf
+                self._buf = torch.empty(self.d, self.d, dtype=torch.float32)
+            g = torch.mm(xf.t(), xf, out=self._buf)
+        else:
+            g = xf.t() @ xf
         del xf
         if not bool(torch.isfinite(g.diagonal()).all()):  # |g_ij| ≤ √(g_ii g_jj): the diagonal says it
-            self.skipped_tokens += n
+            self.skipped_tokens += n  # finite features whose squares overflow float32 (|x| > 1.8e19)
             return
         if self.offload and g.device.type != "cpu":
             g = g.cpu()
@@ -91,29 +81,12 @@ class GramAccumulator:
         self.gram += g
         self.tokens += n
 
-    def _flush(self) -> None:
-        """Add the float32 running sum into the float64 one."""
-        if self._buf is None or self._buf_batches == 0:
-            return
-        with torch.inference_mode():  # the sums were made in the probe's inference mode
-            if bool(torch.isfinite(self._buf.diagonal()).all()):
-                if self.gram is None:
-                    self.gram = torch.zeros(self.d, self.d, dtype=torch.float64)
-                self.gram += self._buf
-                self.tokens += self._buf_tokens
-            else:  # finite features whose squares overflow float32 (|x| > 1.8e19): these batches are lost
-                self.skipped_tokens += self._buf_tokens
-            self._buf.zero_()
-        self._buf_tokens = self._buf_batches = 0
-
     def finalize(self) -> None:
-        """Flush the float32 running sum into the float64 one and free it (idempotent)."""
-        self._flush()
+        """Free the CPU batch buffer (idempotent)."""
         self._buf = None
 
     def reset(self) -> None:
         self._buf = None
-        self._buf_tokens = self._buf_batches = 0
         self.gram = None
         self.tokens = 0
         self.skipped_tokens = 0

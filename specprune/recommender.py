@@ -11,8 +11,9 @@ tolerance at the smallest size.
    their bits plus one 16-bit scale per group or channel (the contract's ``bits_after``).
 3. Allocation: minimise total bits subject to Σ_l δ_l ≤ budget — a multiple-choice knapsack
    solved by Lagrangian relaxation (bisection on the multiplier) followed by a greedy pass
-   that spends what is left of the budget. The first budget is 80% of the tolerance mapped
-   back through the calibration map (calibration windows are not the evaluation windows).
+   that spends what is left of the budget. The budget is 80% of the tolerance (calibration
+   windows are not the evaluation windows), each candidate's quantization and truncation parts
+   scaled by the slope of their kind's calibration map at that target.
 4. Verification: the chosen plan is applied temporarily and measured on up to 32 calibration
    windows; the budget is rescaled by target/measured, kept inside the bracket of budgets known
    to meet and to miss the target, and the allocation repeated (at most five rounds). The
@@ -549,8 +550,8 @@ def _calibrate_map(model, layers, options, sens, geoms, evaluator, bits_choices,
     quant = [pt for pt in points if pt["kind"] == "bits"]
     trunc = [pt for pt in points if pt["kind"] == "rank"]
     qmap = CalibrationMap.fit(quant or trunc)
-    rmap = CalibrationMap.fit(trunc) if trunc else CalibrationMap(qmap.c, qmap.p, qmap.sigma)
-    if trunc and rmap.points is trunc and not any(pt["measured"] > 0 for pt in trunc):
-        rmap = CalibrationMap(qmap.c, qmap.p, qmap.sigma, trunc)
+    # no measurable truncation point (or none measured): truncations borrow the quantization map
+    rmap = CalibrationMap.fit(trunc) if any(pt["measured"] > 0 for pt in trunc) \
+        else CalibrationMap(qmap.c, qmap.p, qmap.sigma, trunc)
     qmap.points = points
     return qmap, rmap, measured_settings

@@ -93,7 +93,7 @@ def test_memory_estimate_by_hand_tiny_llama():
 
     est = estimate_analysis_memory(layers, groups=groups, batch_tokens=64)
     assert not est.upper_bound and est.groups == 9 and est.layers == 15
-    # on a CPU: float64 sum + float32 running sum per group, no transient batch Gram
+    # on a CPU: float64 sum + float32 batch buffer per group, no transient batch Gram
     assert est.accumulators == (8 + 4) * (7 * 64**2 + 2 * 192**2) == 1_228_800
     assert est.batch_gram == 0
     assert est.eigensolve == 8 * EIGH_WORKSPACE * 192**2
@@ -199,7 +199,7 @@ def test_analyze_checks_memory_up_front_and_records_it(monkeypatch, tmp_path):
     lines: list[str] = []
     res = analyze(model, _token_batches(128), include=block0, memory_check=False, log=lines.append)
     assert any(line.startswith("memory: ") for line in lines)
-    assert res.memory["bytes"]["accumulators"] == 12 * (3 * 64**2 + 192**2)  # CPU: float64 + float32 sums
+    assert res.memory["bytes"]["accumulators"] == 12 * (3 * 64**2 + 192**2)  # CPU: float64 sum + float32 buffer
     assert res.memory["upper_bound"] is False and res.memory["groups"] == 4 and res.memory["layers"] == 7
     assert res.to_dict()["memory"] == res.memory
     res.save(tmp_path)
@@ -216,12 +216,11 @@ def test_memory_estimate_bounds_measured_accumulator_bytes():
         for b in batches.batches:
             probe.set_batch(b)
             model(**b)
-        for acc in probe.accumulators.values():  # both sums alive at once, as during a long pass
-            acc._flush()
+        # the float64 sum and the CPU's float32 batch buffer, both alive during the pass
         allocated = sum(a.gram.numel() * a.gram.element_size() + a._buf.nbytes for a in probe.accumulators.values())
     est = estimate_analysis_memory(layers, groups=probe.layer_acc)
     assert allocated == est.accumulators
-    assert all(a._buf is None for a in probe.results().values())  # the float32 sums go at the end
+    assert all(a._buf is None for a in probe.results().values())  # the buffers go at the end
 
 
 # ------------------------------------------------------------------------------------ offload / TF32
