@@ -7,7 +7,7 @@ change ΔW of layer l costs
 
 How much of that reaches the metric depends on what follows the layer, so it is *measured*:
 
-1. **Per-layer response (antithetic noise injection).** On a few calibration windows each
+1. **Per-layer response (noise and truncation injection).** On a few calibration windows each
    layer alone is perturbed by a realistic weight change ΔW and by −ΔW, and the two metric
    deltas are averaged: the first-order term (which has either sign and does not survive on
    other data) cancels and the curvature term that compression really pays remains.
@@ -21,7 +21,8 @@ How much of that reaches the metric depends on what follows the layer, so it is 
    that can make it negative, so its antithetic mean (the curvature alone) is the floor. A light
    truncation (rank 3/4 of full) gives the truncation's own exponent q (δ = s·D^q, clipped to
    [0.5, 1.5]; 1 when the light probe is lost in its noise). Cost: seven forward passes of the
-   probe windows per layer — a small multiple of one calibration pass.
+   probe windows (4, or 8 for loss metrics) per layer: on all-MiniLM-L6-v2 about 4× a whole
+   ``analyze`` of 64 windows (docs/benchmarks.md).
 2. **Additive prediction.** For a plan, P = Σ_l δ_l(D_l) summed over layers.
 3. **Global calibration maps.** Layers interact (errors compound through later layers and
    normalisations), so each kind's sum is mapped to the measured delta by δ ≈ c·P^p, fitted in
@@ -240,7 +241,8 @@ def antithetic_delta(layer: TargetLayer, w: torch.Tensor, dw: torch.Tensor, eval
 
 def measure_sensitivities(layers: list[TargetLayer], geoms: dict[str, LayerGeometry], evaluator: Evaluator,
                           model: nn.Module, prune_method: str | None) -> dict[str, LayerSensitivity]:
-    """Antithetic noise injection, one layer at a time (see module docstring)."""
+    """Quantization noise (antithetic) and real truncations (one-sided), one layer at a time (see the
+    module docstring)."""
     from .compress.quantize import quantization_error
 
     out: dict[str, LayerSensitivity] = {}
