@@ -141,7 +141,7 @@ class SpectrumProbe:
         self.remove()
 
     def remove(self) -> None:
-        """Remove exactly the handles this probe registered (and complete the Grams)."""
+        """Remove exactly the handles this probe registered (and free the CPU batch buffers)."""
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
@@ -211,8 +211,6 @@ class SpectrumProbe:
 
     # -- results ----------------------------------------------------------------------------
     def results(self) -> dict[str, GramAccumulator]:
-        for acc in self.accumulators.values():
-            acc.finalize()
         return self.accumulators
 
 

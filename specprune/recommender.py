@@ -198,6 +198,15 @@ def allocate(options: dict[str, list[Option]], sens: dict[str, LayerSensitivity]
     return {n: options[n][i] for n, i in best.items()}
 
 
+def choice_parts(choice: dict[str, Option], sens: dict[str, LayerSensitivity]) -> tuple[float, float]:
+    """(Σ quantization parts, Σ truncation parts) of an allocation's per-layer predicted deltas."""
+    q = r = 0.0
+    for n, o in choice.items():
+        dq, dr = o.parts(sens[n])
+        q, r = q + dq, r + dr
+    return q, r
+
+
 def _to_plan_layers(choice: dict[str, Option], sens: dict[str, LayerSensitivity], total: float,
                     weights: tuple[float, float]) -> dict[str, LayerPlan]:
     """Plan layers; the model-level prediction ``total`` is shared in proportion to each layer's
@@ -348,11 +357,7 @@ class Recommender:
         return self.cmap(q) + self.rmap(r)
 
     def _parts(self, choice: dict[str, Option]) -> tuple[float, float]:
-        q = r = 0.0
-        for n, o in choice.items():
-            dq, dr = o.parts(self.sens[n])
-            q, r = q + dq, r + dr
-        return q, r
+        return choice_parts(choice, self.sens)
 
     def uncertainty(self, delta: float) -> float:
         """The maps' multiplicative uncertainty (the larger σ of the two) on a predicted delta."""
@@ -537,10 +542,7 @@ def _calibrate_map(model, layers, options, sens, geoms, evaluator, bits_choices,
             choice[lay.name] = match[0] if match else opts[0]
         if all(o.method is None and o.bits is None for o in choice.values()):
             continue
-        q = r = 0.0
-        for n, o in choice.items():
-            dq, dr = o.parts(sens[n])
-            q, r = q + dq, r + dr
+        q, r = choice_parts(choice, sens)
         measured = measure_choice(model, choice, geoms, evaluator)
         se = evaluator.last_stderr if math.isfinite(evaluator.last_stderr) else None
         label = f"uniform {kind} {val}"
