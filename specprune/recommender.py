@@ -121,8 +121,7 @@ def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarr
         seen = int(np.sum(geom.eigenvalues > 1e-10 * max(float(geom.eigenvalues[0]), 1e-300)))
         ranks = [k for k in ranks if k <= seen] if seen < min(d_in, d_out) else ranks
         for k in ranks:
-            dp_w = geom.low_rank_delta(prune_method, k)
-            dp = geom.distortion(dp_w)
+            dp = geom.truncation_distortion(prune_method, k)
             sb, params = weight_bits(d_in, d_out, k, None, None, db)
             rate = 1.0 - params / full_params
             opts.append(Option(prune_method, k, None, None, sb, 0.0, dp, params, rate))
@@ -332,7 +331,7 @@ class Recommender:
         full_bits, full_params = weight_bits(geom.d_in, geom.d_out, None, None, None, db)
         if rank is not None and rank >= min(geom.d_in, geom.d_out):
             method, rank = None, None
-        d_prune = geom.distortion(geom.low_rank_delta(method, rank)) if rank is not None else 0.0
+        d_prune = geom.truncation_distortion(method, rank) if rank is not None else 0.0
         probe = Option(method, rank, bits, group_size, 0, 0.0, d_prune, 0, 0.0)
         d_total = geom.distortion(option_weight(geom, probe) - geom.w)
         sb, params = weight_bits(geom.d_in, geom.d_out, rank, bits, group_size, db)

@@ -21,8 +21,10 @@ How much of that reaches the metric depends on what follows the layer, so it is 
    that can make it negative, so its antithetic mean (the curvature alone) is the floor. A light
    truncation (rank 3/4 of full) gives the truncation's own exponent q (δ = s·D^q, clipped to
    [0.5, 1.5]; 1 when the light probe is lost in its noise). Cost: seven forward passes of the
-   probe windows (4, or 8 for loss metrics) per layer: on all-MiniLM-L6-v2 about 4× a whole
-   ``analyze`` of 64 windows (docs/benchmarks.md).
+   probe windows (4, or 8 for loss metrics) per layer, of which the blocks that ran before the
+   layer are replayed from one recording pass rather than recomputed (:mod:`specprune.prefix`,
+   identical outputs): on all-MiniLM-L6-v2 ~12 s, about 1.5× a whole ``analyze`` of 64 windows
+   (docs/benchmarks.md).
 2. **Additive prediction.** For a plan, P = Σ_l δ_l(D_l) summed over layers.
 3. **Global calibration maps.** Layers interact (errors compound through later layers and
    normalisations), so each kind's sum is mapped to the measured delta by δ ≈ c·P^p, fitted in
@@ -51,6 +53,7 @@ from torch import nn
 
 from .evaluation import Evaluator
 from .layers import TargetLayer
+from .prefix import PrefixReplay
 from .progress import track
 
 PROBE_BITS = (5, 2)
@@ -171,6 +174,7 @@ class LayerGeometry:
         self.energy = float(wm.double().pow(2).sum())
         self._sv: np.ndarray | None = None
         self._p: torch.Tensor | None = None
+        self._mode_energy: np.ndarray | None = None
         self._wm = wm
 
     @property
@@ -206,6 +210,15 @@ class LayerGeometry:
         u = self.u[:, :k]
         return self.w @ u, u.T
 
+    def truncation_distortion(self, method: str, k: int) -> float:
+        """D of the rank-k truncation in closed form: ``Σ_{i>k} s_i²`` over the singular values of
+        W Σ^½ (whitened), ``Σ_{j>k} ‖W u_j‖² λ_j`` over the input modes (spectral)."""
+        if method == "whitened":
+            return float(np.sum(self._svd()[1][k:].astype(np.float64) ** 2))
+        if self._mode_energy is None:
+            self._mode_energy = self._wm.double().pow(2).sum(0).numpy()
+        return float(np.sum(self._mode_energy[k:]))
+
     def low_rank_delta(self, method: str, k: int) -> torch.Tensor:
         a, b = self.factors(method, k)
         return a @ b - self.w
@@ -229,13 +242,20 @@ def break_even_rank(d_in: int, d_out: int) -> int:
     return max(1, (d_in * d_out - 1) // (d_in + d_out))
 
 
+def probe_delta(layer: TargetLayer, new_w: torch.Tensor, evaluator: Evaluator, model: nn.Module,
+                replay: PrefixReplay | None = None) -> float:
+    """The metric delta with the layer's weight set to ``new_w`` (restored after); ``replay`` replays
+    the blocks that ran before the layer instead of recomputing them (same outputs)."""
+    skip = replay.skipping(layer.name) if replay is not None else contextlib.nullcontext()
+    with patched_weight(layer, new_w), skip:
+        return evaluator.delta(model, "probe")
+
+
 def antithetic_delta(layer: TargetLayer, w: torch.Tensor, dw: torch.Tensor, evaluator: Evaluator,
-                     model: nn.Module) -> float:
+                     model: nn.Module, replay: PrefixReplay | None = None) -> float:
     """Mean of the metric deltas for W + ΔW and W − ΔW (the first-order term cancels)."""
-    with patched_weight(layer, w + dw):
-        plus = evaluator.delta(model, "probe")
-    with patched_weight(layer, w - dw):
-        minus = evaluator.delta(model, "probe")
+    plus = probe_delta(layer, w + dw, evaluator, model, replay)
+    minus = probe_delta(layer, w - dw, evaluator, model, replay)
     return 0.5 * (plus + minus)
 
 
@@ -245,6 +265,9 @@ def measure_sensitivities(layers: list[TargetLayer], geoms: dict[str, LayerGeome
     module docstring)."""
     from .compress.quantize import quantization_error
 
+    replay = PrefixReplay(model, layers)
+    with replay.recording():  # one unperturbed pass: the blocks' outputs, replayed below
+        evaluator.delta(model, "probe")
     out: dict[str, LayerSensitivity] = {}
     for layer in track(layers, "sensitivity"):
         g = geoms[layer.name]
@@ -252,17 +275,17 @@ def measure_sensitivities(layers: list[TargetLayer], geoms: dict[str, LayerGeome
         for bits in PROBE_BITS:
             dq = quantization_error(g.w, bits, None).to(torch.float32)
             probes.append({"kind": "quant", "bits": bits, "distortion": g.distortion(dq),
-                           "delta": antithetic_delta(layer, g.w, dq, evaluator, model)})
+                           "delta": antithetic_delta(layer, g.w, dq, evaluator, model, replay)})
         power, s_q = _response_law(probes)
         sens = LayerSensitivity(layer.name, s_q, None, power, probes)
         if prune_method is not None:
-            _probe_truncation(layer, g, evaluator, model, prune_method, sens)
+            _probe_truncation(layer, g, evaluator, model, prune_method, sens, replay)
         out[layer.name] = sens
     return out
 
 
 def _probe_truncation(layer: TargetLayer, g: LayerGeometry, evaluator: Evaluator, model: nn.Module,
-                      method: str, sens: LayerSensitivity) -> None:
+                      method: str, sens: LayerSensitivity, replay: PrefixReplay | None = None) -> None:
     """The truncation response δ = s·D^q from two real truncations: a large one (rank half the
     break-even rank), measured one-sided and antithetically, and a light one (rank 3/4 of the
     full rank), one-sided. q comes from the pair when the light one stands out of its sampling noise
@@ -271,10 +294,8 @@ def _probe_truncation(layer: TargetLayer, g: LayerGeometry, evaluator: Evaluator
     k2 = max(k1 + 1, int(0.75 * min(g.d_in, g.d_out)))
     dp = g.low_rank_delta(method, k1)
     dist = g.distortion(dp)
-    with patched_weight(layer, g.w + dp):  # one-sided: the truncation itself
-        plus = evaluator.delta(model, "probe")
-    with patched_weight(layer, g.w - dp):
-        minus = evaluator.delta(model, "probe")
+    plus = probe_delta(layer, g.w + dp, evaluator, model, replay)  # one-sided: the truncation itself
+    minus = probe_delta(layer, g.w - dp, evaluator, model, replay)
     # the one-sided delta carries the truncation's systematic first-order term, but on a few windows
     # also a random one that can make it negative; the antithetic mean (curvature only) is its floor
     delta = max(plus, 0.5 * (plus + minus))
@@ -286,8 +307,7 @@ def _probe_truncation(layer: TargetLayer, g: LayerGeometry, evaluator: Evaluator
     if k2 < min(g.d_in, g.d_out):
         dp2 = g.low_rank_delta(method, k2)
         dist2 = g.distortion(dp2)
-        with patched_weight(layer, g.w + dp2):
-            light = evaluator.delta(model, "probe")
+        light = probe_delta(layer, g.w + dp2, evaluator, model, replay)
         se = evaluator.last_stderr
         sens.probes.append({"kind": "prune", "rank": k2, "distortion": dist2, "delta": light,
                             "stderr": se if math.isfinite(se) else None})

@@ -126,3 +126,27 @@ def test_calibration_points_carry_their_standard_error(llama_setup):
     assert "uniform bits 2" in settings and "uniform bits 8" in settings
     assert all("stderr" in pt for pt in rec.cmap.points)
     assert any(pt["stderr"] is not None and pt["stderr"] > 0 for pt in rec.cmap.points)
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+@pytest.mark.parametrize("method", ["whitened", "spectral"])
+def test_truncation_distortion_closed_form_matches_the_truncated_weight(shape, method):
+    import numpy as np
+
+    from specprune.sensitivity import LayerGeometry
+
+    class _Layer:
+        def __init__(self, w):
+            self.w = w
+
+        def weight_matrix(self):
+            return self.w
+
+    torch.manual_seed(0)
+    d_in, d_out = shape
+    x = torch.randn(500, d_in) @ torch.randn(d_in, d_in)
+    lam, u = np.linalg.eigh((x.T @ x).double().numpy() / 500)
+    g = LayerGeometry(_Layer(torch.randn(d_out, d_in)), lam[::-1].copy(), u[:, ::-1].copy())
+    for k in (1, 10, min(shape) - 1):
+        direct = g.distortion(g.low_rank_delta(method, k))
+        assert g.truncation_distortion(method, k) == pytest.approx(direct, rel=1e-5)
