@@ -6,9 +6,10 @@ positions are dropped through the batch's attention mask), the probe keeps
     G = Σ_tokens x xᵀ   (d_in × d_in),   N = number of tokens,
 
 so the feature covariance is Σ = G / N. Precision: each batch's x is upcast to float32
-(fp16/bf16 models work), its Gram xᵀx is one float32 GEMM (TF32 off while the probe runs), and
+(fp16/bf16 models work), its Gram xᵀx is float32 GEMMs (TF32 off while the probe runs), and
 batches are summed into a float64 accumulator, so rounding does not grow with the number of
-batches (on the CPU the batch Gram is written into a buffer kept for the whole pass). Placement: each accumulator computes on its layer's device (the device of the layer's
+batches (on the CPU only the upper strips of the batch Gram are computed, into a buffer kept for
+the whole pass, and the sum is mirrored once at the end). Placement: each accumulator computes on its layer's device (the device of the layer's
 weights; a model dispatched over several GPUs keeps each accumulator beside its layer); with
 ``offload`` the float64 sum lives in CPU memory instead and only the float32 batch Gram is made
 on the device. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
