@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-QUICK_INCLUDE = [r"re:.*\.layer\.0\..*"]  # the first transformer block of MiniLM
+QUICK_INCLUDE = [r"re:.*\.layers?\.0\..*"]  # the first transformer block (MiniLM: layer.0, Llama: layers.0)
 
 
 # ----------------------------------------------------------------------------------- machine & helpers
@@ -106,7 +106,32 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def setup(samples: int, seq_len: int, batch_size: int, text: Path | None):
+LLAMA_SHAPED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                    num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def llama_shaped_dir(minilm: Path) -> Path:
+    """A randomly initialised Llama-shaped model (hidden 1024, MLP 2816, 4 layers, grouped-query
+    attention) with MiniLM's tokenizer, saved once under $TMPDIR: the layer-width mix of a modern
+    decoder (MLP ≈ 2.75× hidden), where the widest Gram is a smaller share of the work than in a BERT
+    with a 4× FFN. Random weights: timings only (its spectra mean nothing)."""
+    import torch
+    import transformers as tf
+
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / "specprune_bench_llama_shaped"
+    if (out / "config.json").exists():
+        return out
+    tok = tf.AutoTokenizer.from_pretrained(str(minilm), local_files_only=True)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **LLAMA_SHAPED))
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def setup(samples: int, seq_len: int, batch_size: int, text: Path | None, model_kind: str = "minilm"):
     """(loaded model, calibration batches, text path) — model in eval mode, progress bars off."""
     from specprune import progress
     from specprune.data import load_data
@@ -118,6 +143,8 @@ def setup(samples: int, seq_len: int, batch_size: int, text: Path | None):
     d = minilm_dir()
     if d is None:
         sys.exit("all-MiniLM-L6-v2 is not installed (specprune.toy.minilm_dir() is None)")
+    if model_kind == "llama-shaped":
+        d = llama_shaped_dir(d)
     if text is None:
         text = Path(os.environ.get("TMPDIR", "/tmp")) / "specprune_bench_text.txt"
         if not text.exists():
@@ -294,7 +321,7 @@ def memory_child(args) -> dict:
     """Runs in a fresh process: ``--child activations`` or ``--child analyze``."""
     import torch
 
-    loaded, batches, _ = setup(args.samples, args.seq_len, args.batch_size, args.text)
+    loaded, batches, _ = setup(args.samples, args.seq_len, args.batch_size, args.text, args.model)
     model = loaded.model
     include = QUICK_INCLUDE if args.quick else args.include
     gc.collect()
@@ -339,6 +366,7 @@ def run_child(kind: str, args) -> dict:
            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
     if args.text:
         cmd += ["--text", str(args.text)]
+    cmd += ["--model", args.model]
     for p in args.include or []:
         cmd += ["--include", p]
     if args.quick:
@@ -388,6 +416,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of plain/hooked/analyze")
+    ap.add_argument("--model", choices=["minilm", "llama-shaped"], default="minilm",
+                    help="all-MiniLM-L6-v2 (default) or a random Llama-shaped model (hidden 1024, MLP 2816, "
+                         "4 layers; timings only)")
     ap.add_argument("--include", action="append", help="analyse only these layers (as specprune --include)")
     ap.add_argument("--text", type=Path, help="calibration text (default: specprune.textgen.write_text)")
     ap.add_argument("--naive", action="store_true", help="also time the issue's naive fp32/fp64 hooks")
@@ -420,12 +451,13 @@ def main(argv=None) -> int:
 
     include = QUICK_INCLUDE if args.quick and not args.include else args.include
     mach = machine()
-    loaded, batches, text = setup(args.samples, args.seq_len, args.batch_size, args.text)
+    loaded, batches, text = setup(args.samples, args.seq_len, args.batch_size, args.text, args.model)
     args.text = text
     model = loaded.model
     layers = select_layers(model, include)
     all_layers = {lay.name: lay for lay in select_layers(model)}
-    print(f"# bench_overhead: all-MiniLM-L6-v2, {batches.samples} windows x {args.seq_len} tokens "
+    name = "all-MiniLM-L6-v2" if args.model == "minilm" else "Llama-shaped (random, hidden 1024, MLP 2816, 4 layers)"
+    print(f"# bench_overhead: {name}, {batches.samples} windows x {args.seq_len} tokens "
           f"({batches.tokens} tokens, {len(batches)} batches), {len(layers)} layers analysed"
           + (" [quick: first block only]" if args.quick else ""), flush=True)
     print(f"machine: {mach.get('cpu')} | nproc {mach['nproc']} | torch threads {mach['torch_threads']} | "

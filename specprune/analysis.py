@@ -351,6 +351,19 @@ def _materialized(layer: TargetLayer):
         yield
 
 
+def _mode_gains(w: torch.Tensor, u: torch.Tensor, chunk_bytes: int = 64 << 20) -> tuple[np.ndarray, float]:
+    """(‖W u_k‖² for every column u_k of U, ‖W‖_F²) in float64, a block of W's rows at a time, so that
+    a wide output layer (a vocabulary projection) never has a float64 copy of all of W or of W U."""
+    rows = max(1, chunk_bytes // (8 * max(u.shape[0], u.shape[1], 1)))
+    gain = torch.zeros(u.shape[1], dtype=torch.float64)
+    w_sq = 0.0
+    for i in range(0, w.shape[0], rows):
+        wc = w[i:i + rows].to("cpu", torch.float64)
+        gain += (wc @ u).pow_(2).sum(0)
+        w_sq += float(wc.pow(2).sum())
+    return gain.numpy(), w_sq
+
+
 def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
                     total_energy: float | None = None) -> LayerAnalysis:
     """Spectrum, fits and frontier of one layer from its input group's eigenpairs (a truncated group:
@@ -358,11 +371,9 @@ def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
     from .randomized import flat_tail_effective_rank
     from .spectra import LayerSpectrum
 
-    with _materialized(layer):
-        w = layer.weight_matrix().detach().to("cpu", torch.float64)
     u = torch.as_tensor(group.eigenvectors, dtype=torch.float64)
-    wu = w @ u
-    gain = wu.pow(2).sum(0).numpy()  # ‖W u_k‖²
+    with _materialized(layer):
+        gain, w_sq = _mode_gains(layer.weight_matrix().detach(), u)
     spec = LayerSpectrum.from_eigen(group.eigenvalues, group.eigenvalues * gain, tokens=group.tokens,
                                     d_out=layer.d_out, mode_gain=gain)
     s = spec.summary_dict()
@@ -376,7 +387,7 @@ def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
         solved = float(np.sum(group.eigenvalues * gain))
         if total_energy is None:  # lumped model: σ² (‖W‖² − ‖W U_k‖²)
             s2 = group.tail_trace / (d - k)
-            total_energy = solved + s2 * max(float(w.pow(2).sum()) - float(gain.sum()), 0.0)
+            total_energy = solved + s2 * max(w_sq - float(gain.sum()), 0.0)
         tail_e = max(float(total_energy) - solved, 0.0)
         k_max = d
         r_star = None if s["k_star"] is None else 1.0 - s["k_star"] / d

@@ -223,3 +223,15 @@ def test_model_moved_back_to_original_device_and_mode():
     model = tiny_model("bert", vocab_size=64).train()
     analyze(model, _token_batches(64, n=4), device="cpu")
     assert model.training
+
+
+def test_mode_gains_in_row_blocks_match_the_whole_product():
+    from specprune.analysis import _mode_gains
+
+    torch.manual_seed(0)
+    w = torch.randn(301, 40)
+    u = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))[0]
+    direct = (w.double() @ u).pow(2).sum(0)
+    gain, w_sq = _mode_gains(w, u, chunk_bytes=8 * 40 * 7)  # 7 rows per block, a ragged last block
+    assert torch.allclose(torch.as_tensor(gain), direct, rtol=1e-12)
+    assert w_sq == pytest.approx(float(w.double().pow(2).sum()), rel=1e-12)
