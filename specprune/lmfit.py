@@ -18,7 +18,7 @@ Python bookkeeping. Here every start advances together, as one array operation p
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
