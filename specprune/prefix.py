@@ -14,7 +14,9 @@ inputs in a recording pass.
   pass (causality: their outputs cannot depend on it), excluding the block that contains it. A layer
   whose weight is shared with another module (tied embeddings) is never replayed around.
 - **Recording**: one unperturbed pass over the probe windows stores each block's outputs in call order;
-  at most ``max_bytes`` (default 1 GiB) — beyond that the replay is switched off.
+  at most ``max_bytes`` (default 1 GiB) — beyond that the replay is switched off, as it is when a block
+  carries forward hooks of its own (they would run again on a replayed output) or returns something
+  other than tensors and plain tuples/lists of them.
 - **Replay**: inside :meth:`PrefixReplay.skipping`, each skipped block's ``forward`` returns its next
   recorded output (tensors cloned, so nothing downstream can alter the record); the original forward is
   restored on exit whatever happens. One ``skipping`` block must cover exactly one pass over the same
@@ -85,7 +87,9 @@ class PrefixReplay:
         found = find_blocks(model, list(self.layers))
         self.blocks: list[nn.Module] = found[1] if found else []
         self.max_bytes = max_bytes
-        self.enabled = bool(self.blocks)
+        # a hook someone else put on a block would run again on the replayed output: no replay then
+        self.enabled = bool(self.blocks) and not any(
+            blk._forward_hooks or blk._forward_pre_hooks for blk in self.blocks)
         self._records: list[list[Any]] = [[] for _ in self.blocks]
         self._before: dict[str, list[int]] = {}  # layer → indices of blocks done before its first call
         self.bytes = 0

@@ -77,3 +77,14 @@ def test_recording_over_budget_switches_replay_off(tiny_dirs, small_text_file):
         ev.delta(model, "probe")
     assert not replay.enabled and replay.bytes == 0
     assert replay.skipped("lm_head") == []
+
+
+def test_blocks_with_foreign_hooks_are_not_replayed():
+    model = tiny_model("llama")
+    handle = model.model.layers[0].register_forward_hook(lambda mod, args, out: None)
+    try:
+        replay = PrefixReplay(model, select_layers(model))
+        assert not replay.enabled and replay.skipped("lm_head") == []
+    finally:
+        handle.remove()
+    assert PrefixReplay(model, select_layers(model)).enabled
