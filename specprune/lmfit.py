@@ -86,8 +86,11 @@ def lm_batch(
 
 
 def frontier_rows(lk: np.ndarray, decaying: np.ndarray) -> Model:
-    """The frontier model of :class:`specprune.spectra._FrontierModel` for S rows at once; row s has the
-    decaying floor when ``decaying[s]``. Returns ``(ln q̂ (S × m), Jacobian (S × m × 5))``."""
+    """The learning-frontier model (:mod:`specprune.spectra`) for S parameter rows at once:
+    ``ln q̂ = logaddexp(ln A − c ln k + 2 ln(1 − e^{−x}), ln F − 2x·[decaying])``, ``x = (k*/k)^β``, in
+    ``θ = (ln A, c, ln k*, ln β, ln F)``; row s has the decaying floor when ``decaying[s]``. ``expm1``
+    keeps ``ln(1 − e^{−x})`` and its derivative ``x/expm1(x)`` accurate for tiny x; x is capped at e^700
+    so nothing overflows. Returns ``(ln q̂ (S × m), Jacobian (S × m × 5))``."""
     dec = np.asarray(decaying, dtype=np.float64)[:, None]
 
     def model(th: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

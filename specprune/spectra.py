@@ -288,26 +288,14 @@ def fit_power_law(values: Any, k_lo: int | None = None, k_hi: int | None = None)
 
 
 # -------------------------------------------------------------------------------------- frontier
-def _log1mexp_exp(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``x = e^u``, ``L(u) = ln(1 − exp(−x))`` and ``L'(u) = x / expm1(x)``.
-
-    ``expm1`` keeps both accurate for tiny x (then ``L ≈ u``, ``L' ≈ 1``); x is capped at e^700 so
-    that nothing overflows (then ``L = 0``, ``L' = 0``). Within the fit bounds ``u > −300``, so x never
-    underflows.
-    """
-    x = np.exp(np.minimum(u, 700.0))
-    val = np.log(-np.expm1(-x))
-    deriv = x / np.expm1(np.minimum(x, 700.0))
-    return x, val, deriv
-
-
 class _FrontierModel:
     """``ln q̂_k`` of the frontier model and its Jacobian in ``θ = (ln A, c, ln k*, ln β, ln F)``.
 
     ``ln q̂ = logaddexp(ln A − c ln k + 2 L(u), ln F − 2x·[decaying])`` with ``u = β (ln k* − ln k)``,
     ``x = e^u = (k*/k)^β``, ``L(u) = ln(1 − e^{−x})``. With ``decaying`` the init floor is multiplied by
     ``e^{−2x}`` (NTK: ``W(t) − W* = (W0 − W*) e^{−ηΣt}``, so learned modes forget their init); without it
-    the floor is a constant F. The intermediates of the last evaluation are cached for the Jacobian
+    the floor is a constant F. One parameter row of :func:`specprune.lmfit.frontier_rows` (where the
+    formulas live, evaluated stably in log space); the last evaluation is cached for the Jacobian
     (``least_squares`` asks for it at the point it just evaluated).
     """
 
@@ -316,63 +304,37 @@ class _FrontierModel:
     def __init__(self, lk: np.ndarray, decaying: bool):
         self.lk = lk
         self.decaying = decaying
+        self._rows = frontier_rows(lk, np.array([decaying]))
         self._key: bytes | None = None
 
-    def _eval(self, theta: np.ndarray) -> None:
-        key = np.asarray(theta, dtype=np.float64).tobytes()
-        if key == self._key:
-            return
-        la, c, lks, lb, lf = theta
-        beta = math.exp(lb)
-        u = beta * (lks - self.lk)
-        x, lval, lder = _log1mexp_exp(u)
-        p = la - c * self.lk + 2.0 * lval
-        x2 = 2.0 * x if self.decaying else 0.0
-        fl = lf - x2
-        m = np.logaddexp(p, fl)
-        self._key = key
-        self._cache = (beta, u, lder, p, fl, x2, m)
+    def _eval(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        th = np.asarray(theta, dtype=np.float64)
+        key = th.tobytes()
+        if key != self._key:
+            f, jac = self._rows(th[None, :], _ROW0)
+            self._key, self._cache = key, (f[0], jac[0])
+        return self._cache
 
     def __call__(self, theta: np.ndarray) -> np.ndarray:
-        self._eval(theta)
-        return self._cache[-1]
+        return self._eval(theta)[0]
 
     def jacobian(self, theta: np.ndarray) -> np.ndarray:
-        self._eval(theta)
-        beta, u, lder, p, fl, x2, m = self._cache
-        s = np.exp(p - m)  # ∂m/∂p = sigmoid(p − floor term)
-        sf = np.exp(fl - m)  # = 1 − s, computed directly so that sf · x2 stays finite
-        du = s * 2.0 * lder - sf * x2
-        j = np.empty((self.lk.size, 5))
-        j[:, 0] = s
-        j[:, 1] = -s * self.lk
-        j[:, 2] = du * beta
-        j[:, 3] = du * u
-        j[:, 4] = sf
-        return j
+        return self._eval(theta)[1]
 
 
-class _NullModel:
-    """No frontier: ``ln q̂ = logaddexp(ln A − c ln k, ln F)`` in ``θ = (ln A, c, ln F)``."""
+class _NullModel(_FrontierModel):
+    """No frontier: ``ln q̂ = logaddexp(ln A − c ln k, ln F)`` in ``θ = (ln A, c, ln F)``
+    (:func:`specprune.lmfit.null_rows`)."""
 
     n_params = 3
 
     def __init__(self, lk: np.ndarray):
         self.lk = lk
+        self._rows = null_rows(lk)
+        self._key = None
 
-    def __call__(self, theta: np.ndarray) -> np.ndarray:
-        la, c, lf = theta
-        return np.logaddexp(la - c * self.lk, lf)
 
-    def jacobian(self, theta: np.ndarray) -> np.ndarray:
-        la, c, lf = theta
-        p = la - c * self.lk
-        s = np.exp(p - np.logaddexp(p, lf))
-        j = np.empty((self.lk.size, 3))
-        j[:, 0] = s
-        j[:, 1] = -s * self.lk
-        j[:, 2] = 1.0 - s
-        return j
+_ROW0 = np.arange(1)
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
