@@ -352,11 +352,8 @@ class Recommender:
 
     def predict(self, choice: dict[str, Option]) -> float:
         """Calibrated model-level prediction for an allocation (no measurement)."""
-        q, r = self._parts(choice)
+        q, r = choice_parts(choice, self.sens)
         return self.cmap(q) + self.rmap(r)
-
-    def _parts(self, choice: dict[str, Option]) -> tuple[float, float]:
-        return choice_parts(choice, self.sens)
 
     def uncertainty(self, delta: float) -> float:
         """The maps' multiplicative uncertainty (the larger σ of the two) on a predicted delta."""
@@ -397,7 +394,7 @@ class Recommender:
         chosen = "allocation" if not verify else "closest allocation (none met the target)"
         for _ in range(MAX_ROUNDS if verify else 1):
             choice = allocate(options, sens, budget, weights)
-            raw = sum(self._parts(choice))
+            raw = sum(choice_parts(choice, sens))
             size = self.size_bits(choice)
             last = (size, choice, None, None)
             if not verify or all(o.method is None and o.bits is None for o in choice.values()):

@@ -293,7 +293,7 @@ def _probe_truncation(layer: TargetLayer, g: LayerGeometry, evaluator: Evaluator
     k1 = max(1, break_even_rank(g.d_in, g.d_out) // 2)
     k2 = max(k1 + 1, int(0.75 * min(g.d_in, g.d_out)))
     dp = g.low_rank_delta(method, k1)
-    dist = g.distortion(dp)
+    dist = g.truncation_distortion(method, k1)
     plus = probe_delta(layer, g.w + dp, evaluator, model, replay)  # one-sided: the truncation itself
     minus = probe_delta(layer, g.w - dp, evaluator, model, replay)
     # the one-sided delta carries the truncation's systematic first-order term, but on a few windows
@@ -306,7 +306,7 @@ def _probe_truncation(layer: TargetLayer, g: LayerGeometry, evaluator: Evaluator
         return
     if k2 < min(g.d_in, g.d_out):
         dp2 = g.low_rank_delta(method, k2)
-        dist2 = g.distortion(dp2)
+        dist2 = g.truncation_distortion(method, k2)
         light = probe_delta(layer, g.w + dp2, evaluator, model, replay)
         se = evaluator.last_stderr
         sens.probes.append({"kind": "prune", "rank": k2, "distortion": dist2, "delta": light,
