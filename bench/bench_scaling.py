@@ -11,7 +11,7 @@ Everything is synthetic (nothing is downloaded) and goes through specprune's own
 1. **tokens** — :meth:`specprune.probe.GramAccumulator.update` (float32 xᵀx GEMM + float64 sum) on
    T × d batches, d fixed, T from 1024 to 16384;
 2. **width** — the same update at fixed T against d = 256 … 4096, and the solve the analysis runs on a
-   d × d Gram (``specprune.analysis._eigh``: symmetrise, scale, float64 ``eigh``, descending copy);
+   d × d Gram (``specprune.solve._eigh``: symmetrise, scale, float64 ``eigh``, descending copy);
 3. **solver choices at each width** — full float64 eigh, eigenvalues only (``eigvalsh``), float32 eigh,
    and the randomized top-k (:func:`specprune.randomized.randomized_eigh`, k = d/8) with its error on
    the top k/2 eigenvalues; plus a batched solve (one ``eigh`` on a stack of same-width Grams, as a
@@ -118,7 +118,7 @@ def solve_times(d: int, repeats: int, with_topk: bool = True) -> dict:
     """Medians (round-robin) of the solver variants at width d, plus the top-k error."""
     import torch
 
-    from specprune.analysis import _eigh
+    from specprune.solve import _eigh
     from specprune.randomized import randomized_eigh
 
     a = spd(d)

@@ -56,7 +56,7 @@ def gram_points() -> list[dict]:
 
 
 def eigh_points(big: bool) -> list[dict]:
-    from specprune.analysis import _eigh
+    from specprune.solve import _eigh
 
     rows = []
     for d in [256, 512, 1024, 2048] + ([4096] if big else []):

@@ -6,7 +6,8 @@ per layer: mode energies), so later stages (recommend, report) never recompute.
 
 Scale (docs/scaling.md): the memory an analysis needs is estimated and checked before any accumulator
 exists (:mod:`specprune.memory`; recorded under ``"memory"``); accumulators stay on each layer's device
-or, with ``offload``, in CPU memory; groups are solved one at a time on their device (CPU fallback).
+or, with ``offload``, in CPU memory; groups are solved one at a time on their device (CPU fallback),
+wide ones in float32, overlapping the fits on a multi-core CPU (:mod:`specprune.solve`).
 
 Truncated spectra. With ``solver="auto"`` (the ``analyze`` command's default) input groups of width
 d ≥ ``randomized_threshold`` (8192), with ``solver="randomized"`` every group, are solved for their top
@@ -44,6 +45,15 @@ from . import __version__
 from .errors import InputError
 from .io import dumps, write_atomic
 from .layers import TargetLayer, select_layers
+from .solve import (
+    _covariance_,
+    _eigh,
+    _with_cpu_fallback,
+    error_bound,
+    overlap_helps,
+    overlapped,
+    solve_precision,
+)
 
 ANALYSIS_FILE = "analysis.json"
 SPECTRA_FILE = "spectra.safetensors"
@@ -198,7 +208,7 @@ class Analysis:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Analysis":
+    def load(cls, directory: str | Path) -> Analysis:
         """Read a directory written by :meth:`save` (no recomputation)."""
         from safetensors import safe_open
 
@@ -253,60 +263,6 @@ def _group_meta(g: InputGroup) -> dict:
     return meta
 
 
-def _symmetrize_scale_(a: torch.Tensor, scale: float, block: int = 1024) -> torch.Tensor:
-    """a ← scale · (a + aᵀ)/2 in place, one block pair at a time (no second d × d buffer)."""
-    n = a.shape[0]
-    for i in range(0, n, block):
-        for j in range(i, n, block):
-            blk = (a[i:i + block, j:j + block] + a[j:j + block, i:i + block].mT).mul_(0.5 * scale)
-            a[i:i + block, j:j + block] = blk
-            a[j:j + block, i:i + block] = blk.mT
-    return a
-
-
-def _free_cuda_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _covariance_(gram: torch.Tensor, tokens: int, device: torch.device | None) -> torch.Tensor:
-    """Σ = (G + Gᵀ)/(2N), on ``device``: in place on ``gram`` when it is already there (the caller
-    drops the accumulator), else on a staged copy (an offloaded accumulator brought to its GPU; if that
-    copy does not fit, in place on the CPU). Computed exactly once per accumulator."""
-    with torch.inference_mode():  # the accumulator is an inference tensor: in-place work stays in the mode
-        cov = gram
-        if device is not None and gram.device != device:
-            try:
-                cov = gram.to(device)
-            except RuntimeError:  # out of memory on the device: solve where the accumulator is
-                _free_cuda_cache()
-        return _symmetrize_scale_(cov, 1.0 / max(tokens, 1))
-
-
-def _with_cpu_fallback(fn, cov: torch.Tensor):
-    """``fn(cov)`` on Σ's device; if a GPU solver fails (no kernel, out of memory), ``fn(Σ on the CPU)``."""
-    try:
-        return fn(cov)
-    except RuntimeError:
-        if cov.device.type == "cpu":
-            raise
-        _free_cuda_cache()
-        return fn(cov.cpu())
-
-
-def _eigh(gram: torch.Tensor, tokens: int, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of Σ = G/N in float64, descending; on ``device`` (default: the accumulator's) when it
-    is a GPU, CPU fallback if the device solver fails. ``gram`` is overwritten (symmetrised and scaled
-    in place) when it already lives on the solve device."""
-
-    def solve(cov: torch.Tensor):
-        evals, evecs = torch.linalg.eigh(cov)
-        return evals.flip(0).clamp_min(0.0).cpu().numpy(), evecs.flip(1).cpu().numpy()
-
-    with torch.inference_mode():
-        return _with_cpu_fallback(solve, _covariance_(gram, tokens, device))
-
-
 def _output_energy(w: torch.Tensor, cov: torch.Tensor, rows: int | None = None) -> float:
     """tr(W Σ Wᵀ) = E‖W x‖², in float64 on Σ's device, a block of W's rows at a time."""
     rows = rows or max(1, (256 << 20) // (8 * max(cov.shape[0], 1)))
@@ -352,15 +308,17 @@ def _materialized(layer: TargetLayer):
 
 
 def _mode_gains(w: torch.Tensor, u: torch.Tensor, chunk_bytes: int = 64 << 20) -> tuple[np.ndarray, float]:
-    """(‖W u_k‖² for every column u_k of U, ‖W‖_F²) in float64, a block of W's rows at a time, so that
-    a wide output layer (a vocabulary projection) never has a float64 copy of all of W or of W U."""
-    rows = max(1, chunk_bytes // (8 * max(u.shape[0], u.shape[1], 1)))
+    """(‖W u_k‖² for every column u_k of U, ‖W‖_F²), summed in float64, a block of W's rows at a time, so
+    that a wide output layer (a vocabulary projection) never has a float64 copy of all of W or of W U.
+    The products W U are in U's precision: float64, or float32 for eigenvectors from a float32 solve
+    (accurate to ~1e-6 themselves; half the time, which counts on a vocabulary head)."""
+    rows = max(1, chunk_bytes // (u.element_size() * max(u.shape[0], u.shape[1], 1)))
     gain = torch.zeros(u.shape[1], dtype=torch.float64)
     w_sq = 0.0
     for i in range(0, w.shape[0], rows):
-        wc = w[i:i + rows].to("cpu", torch.float64)
-        gain += (wc @ u).pow_(2).sum(0)
-        w_sq += float(wc.pow(2).sum())
+        wc = w[i:i + rows].to("cpu", u.dtype)
+        gain += (wc @ u).square_().sum(0, dtype=torch.float64)
+        w_sq += float(wc.square().sum(dtype=torch.float64))
     return gain.numpy(), w_sq
 
 
@@ -371,7 +329,8 @@ def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
     from .randomized import flat_tail_effective_rank
     from .spectra import LayerSpectrum
 
-    u = torch.as_tensor(group.eigenvectors, dtype=torch.float64)
+    u = torch.as_tensor(group.eigenvectors,
+                        dtype=torch.float32 if group.solver.get("precision") == "float32" else torch.float64)
     with _materialized(layer):
         gain, w_sq = _mode_gains(layer.weight_matrix().detach(), u)
     spec = LayerSpectrum.from_eigen(group.eigenvalues, group.eigenvalues * gain, tokens=group.tokens,
@@ -520,8 +479,8 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
             exclude: Sequence[str] | None = None, device: str | torch.device | None = None,
             source: str | None = None, tokenizer=None, samples: int = 128, seq_len: int = 128,
             batch_size: int = 8, seed: int = 0, offload: bool | None = None, solver: str = "full",
-            top_k: int | None = None, randomized_threshold: int | None = None, memory_check: bool = True,
-            log: Callable[[str], None] | None = None) -> Analysis:
+            top_k: int | None = None, randomized_threshold: int | None = None, precision: str = "auto",
+            memory_check: bool = True, log: Callable[[str], None] | None = None) -> Analysis:
     """Hook ``model``'s layers, stream ``data`` through it, and return every layer's spectrum.
 
     ``data``: a :class:`~specprune.data.Batches`, an iterable of batches (tensors or dicts), or
@@ -533,8 +492,11 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     float64 accumulators in CPU memory (None: only when the memory estimate says the device is short);
     ``solver`` — ``full`` (the default here: recommend, apply and compress need every mode), ``auto``
     (randomized top-``top_k`` for input widths ≥ ``randomized_threshold``, 8192; the default of the
-    ``specprune analyze`` command) or ``randomized`` (every group); ``memory_check`` — estimate and check memory up front (the estimate is
-    recorded in ``Analysis.memory``); ``log`` — receives one-line status messages.
+    ``specprune analyze`` command) or ``randomized`` (every group); ``precision`` — of the full solves:
+    ``auto`` (float32 for inputs ≥ 1024 wide with ≥ 2d tokens, else float64; :mod:`specprune.solve`),
+    ``float32`` or ``float64``; ``memory_check`` — estimate and check memory up front (the estimate is
+    recorded in ``Analysis.memory``); ``log`` — receives one-line status messages. On a multi-core CPU
+    the solves run in a worker thread while the finished groups' layers are fitted.
     """
     from .data import Batches, from_iterable, load_data
     from .distributed import all_reduce_scalars, is_distributed, shard, solve_on_main
@@ -556,6 +518,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     threshold = DEFAULT_THRESHOLD if randomized_threshold is None else int(randomized_threshold)
     solver_kw = {"solver": solver, "top_k": top_k, "threshold": threshold}
     choose_solver(1, solver, top_k, threshold)  # validate the options before any work
+    solve_precision(1, 1, precision)
     dispatched = _dispatched(model)
     original = model_device(model)
     if dispatched:
@@ -591,27 +554,42 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                 acc.tokens, acc.skipped_tokens = (int(v) for v in all_reduce_scalars(acc.tokens,
                                                                                      acc.skipped_tokens))
         groups: dict[str, InputGroup] = {}
-        skipped: dict[str, int] = {}
-        energies: dict[str, float] = {}
-        for key, acc in track(list(accs.items()), "eigensolves"):
+        summaries: dict[str, LayerAnalysis] = {}
+        for key, acc in accs.items():
             if acc.gram is None or acc.tokens == 0:
                 raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
+
+        def solve(key: str) -> tuple[InputGroup, dict[str, float]]:
+            acc = accs[key]
             how, k = choose_solver(acc.d, **solver_kw)
+            energies: dict[str, float] = {}
             if how == "full":
+                prec = solve_precision(acc.d, acc.tokens, precision)
                 # under torch.distributed rank 0 solves and broadcasts (every rank holds the same Gram)
-                evals, evecs = solve_on_main(lambda acc=acc: _eigh(acc.gram, acc.tokens, acc.device), acc.d)
-                groups[key] = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers))
+                evals, evecs = solve_on_main(lambda: _eigh(acc.gram, acc.tokens, acc.device, prec), acc.d)
+                info = {} if prec == "float64" else {
+                    "method": "eigh", "precision": prec,
+                    "eigenvalue_error_bound": error_bound(acc.d, float(evals[0]) if len(evals) else 0.0, prec)}
+                group = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers), solver=info)
             else:
-                res, en = _topk(acc.gram, acc.tokens, k, acc.device, members[key], seed)
-                energies.update(en)
-                groups[key] = InputGroup(key, acc.tokens, res.eigenvalues.cpu().numpy(),
-                                         res.eigenvectors.cpu().numpy(), list(acc.layers), dim=acc.d,
-                                         tail_trace=res.tail_trace, solver=res.describe())
-            skipped[key] = acc.skipped_tokens
+                res, energies = _topk(acc.gram, acc.tokens, k, acc.device, members[key], seed)
+                group = InputGroup(key, acc.tokens, res.eigenvalues.cpu().numpy(),
+                                   res.eigenvectors.cpu().numpy(), list(acc.layers), dim=acc.d,
+                                   tail_trace=res.tail_trace, solver=res.describe())
             acc.gram = None  # free as we go: one accumulator's solve at a time
-        out_layers = [summarize_layer(lay, groups[probe.layer_acc[lay.name]],
-                                      skipped[probe.layer_acc[lay.name]], energies.get(lay.name))
-                      for lay in track(layers, "fits")]
+            return group, energies
+
+        # full solves on the CPU overlap the fits of the groups already solved (randomized ones touch
+        # the layers' weights, which stay with the main thread)
+        overlap = (not is_distributed() and overlap_helps(acc.device for acc in accs.values())
+                   and all(choose_solver(acc.d, **solver_kw)[0] == "full" for acc in accs.values()))
+        with contextlib.closing(overlapped(list(accs), solve, overlap)) as solved:
+            for key, (group, energies) in track(solved, "eigensolves and fits", total=len(accs)):
+                groups[key] = group
+                for lay in members[key]:
+                    summaries[lay.name] = summarize_layer(lay, group, accs[key].skipped_tokens,
+                                                          energies.get(lay.name))
+        out_layers = [summaries[lay.name] for lay in layers]
     finally:
         if moved:
             model.to(original)

@@ -68,6 +68,9 @@ def analyze_cmd(
     top_k: Annotated[Optional[int], typer.Option(
         "--top-k", help="Modes the randomized solver resolves per layer (default d/8, at least 256); "
                         "the rest is one lumped tail.")] = None,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="Precision of the full eigensolves: auto (float32 for inputs ≥ 1024 wide with "
+                            "≥ 2× as many tokens, else float64), float32 or float64.")] = "auto",
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     quiet: QuietOpt = False,
@@ -78,7 +81,7 @@ def analyze_cmd(
     run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, exclude, arch,
                 trust_remote_code, device, overwrite, fmt, quiet,
                 scale={"device_map": device_map, "offload": True if offload else None, "solver": solver,
-                       "top_k": top_k})
+                       "top_k": top_k, "precision": precision})
 
 
 analyze_cmd = command(analyze_cmd)
@@ -100,6 +103,10 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
         check_output_path(out, [*models, *data], overwrite)
     scale = dict(scale or {})
     device_map = scale.pop("device_map", None)
+    if "precision" in scale:  # option values, before the model is loaded
+        from ..solve import solve_precision
+
+        solve_precision(1, 1, scale["precision"])
     results = []
     for i, m in enumerate(models):
         loaded = load_model(m, arch=arch, trust_remote_code=trust, device_map=device_map)

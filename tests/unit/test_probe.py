@@ -235,3 +235,7 @@ def test_mode_gains_in_row_blocks_match_the_whole_product():
     gain, w_sq = _mode_gains(w, u, chunk_bytes=8 * 40 * 7)  # 7 rows per block, a ragged last block
     assert torch.allclose(torch.as_tensor(gain), direct, rtol=1e-12)
     assert w_sq == pytest.approx(float(w.double().pow(2).sum()), rel=1e-12)
+    # float32 eigenvectors (a float32 solve): float32 products, float64 sums, to float32 accuracy
+    g32, sq32 = _mode_gains(w, u.float(), chunk_bytes=4 * 40 * 7)
+    assert torch.allclose(torch.as_tensor(g32), direct, rtol=1e-5)
+    assert sq32 == pytest.approx(float(w.double().pow(2).sum()), rel=1e-6)
