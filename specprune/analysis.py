@@ -322,17 +322,24 @@ def _mode_gains(w: torch.Tensor, u: torch.Tensor, chunk_bytes: int = 64 << 20) -
     return gain.numpy(), w_sq
 
 
-def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
-                    total_energy: float | None = None) -> LayerAnalysis:
-    """Spectrum, fits and frontier of one layer from its input group's eigenpairs (a truncated group:
-    see the module docstring; ``total_energy`` = tr(W Σ Wᵀ), else the lumped covariance model's)."""
-    from .randomized import flat_tail_effective_rank
-    from .spectra import LayerSpectrum
-
+def layer_gains(layer: TargetLayer, group: InputGroup) -> tuple[np.ndarray, float]:
+    """(‖W u_k‖² per mode of ``group``, ‖W‖_F²) of one layer, in the group's solve precision."""
     u = torch.as_tensor(group.eigenvectors,
                         dtype=torch.float32 if group.solver.get("precision") == "float32" else torch.float64)
     with _materialized(layer):
-        gain, w_sq = _mode_gains(layer.weight_matrix().detach(), u)
+        return _mode_gains(layer.weight_matrix().detach(), u)
+
+
+def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
+                    total_energy: float | None = None,
+                    gains: tuple[np.ndarray, float] | None = None) -> LayerAnalysis:
+    """Spectrum, fits and frontier of one layer from its input group's eigenpairs (a truncated group:
+    see the module docstring; ``total_energy`` = tr(W Σ Wᵀ), else the lumped covariance model's;
+    ``gains``: :func:`layer_gains` when already computed)."""
+    from .randomized import flat_tail_effective_rank
+    from .spectra import LayerSpectrum
+
+    gain, w_sq = gains if gains is not None else layer_gains(layer, group)
     spec = LayerSpectrum.from_eigen(group.eigenvalues, group.eigenvalues * gain, tokens=group.tokens,
                                     d_out=layer.d_out, mode_gain=gain)
     s = spec.summary_dict()
@@ -559,7 +566,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
             if acc.gram is None or acc.tokens == 0:
                 raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
 
-        def solve(key: str) -> tuple[InputGroup, dict[str, float]]:
+        def solve(key: str) -> tuple[InputGroup, dict[str, float], dict[str, tuple[np.ndarray, float]]]:
             acc = accs[key]
             how, k = choose_solver(acc.d, **solver_kw)
             energies: dict[str, float] = {}
@@ -577,18 +584,21 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                                    res.eigenvectors.cpu().numpy(), list(acc.layers), dim=acc.d,
                                    tail_trace=res.tail_trace, solver=res.describe())
             acc.gram = None  # free as we go: one accumulator's solve at a time
-            return group, energies
+            # the mode gains (GEMMs, W U) beside the solve: in the worker they overlap the fits too
+            return group, energies, {lay.name: layer_gains(lay, group) for lay in members[key]}
 
-        # full solves on the CPU overlap the fits of the groups already solved (randomized ones touch
-        # the layers' weights, which stay with the main thread)
-        overlap = (not is_distributed() and overlap_helps(acc.device for acc in accs.values())
+        # full solves (and the mode gains) on the CPU overlap the fits of the groups already solved;
+        # randomized solves and dispatched models (accelerate brings offloaded weights back in hooks
+        # that are not thread-safe) stay in the caller's thread
+        overlap = (not is_distributed() and not dispatched
+                   and overlap_helps(acc.device for acc in accs.values())
                    and all(choose_solver(acc.d, **solver_kw)[0] == "full" for acc in accs.values()))
         with contextlib.closing(overlapped(list(accs), solve, overlap)) as solved:
-            for key, (group, energies) in track(solved, "eigensolves and fits", total=len(accs)):
+            for key, (group, energies, gains) in track(solved, "eigensolves and fits", total=len(accs)):
                 groups[key] = group
                 for lay in members[key]:
                     summaries[lay.name] = summarize_layer(lay, group, accs[key].skipped_tokens,
-                                                          energies.get(lay.name))
+                                                          energies.get(lay.name), gains[lay.name])
         out_layers = [summaries[lay.name] for lay in layers]
     finally:
         if moved:
