@@ -283,10 +283,8 @@ def eigen_accuracy(analysis, ref: dict) -> dict:
 PHASES = [  # (label, function names whose cumulative time counts; first found wins)
     ("hooked pass (run_probe)", ["run_probe"]),
     ("  of which Gram updates (hook work)", ["update"]),
-    # the full solves run in a worker thread (specprune.solve.overlapped) that cProfile does not see:
-    # what the caller's thread waits for them is the generator's time
-    ("eigensolves: the caller waiting for the solve worker", ["overlapped"]),
-    ("fits (summarize_layer; overlap the next solve)", ["summarize_layer"]),
+    ("eigensolves", ["_eigh", "_topk"]),
+    ("fits (summarize_layer)", ["summarize_layer"]),
     ("  of which frontier least squares", ["estimate_frontier"]),
     ("memory plan (incl. trial forward)", ["_plan_memory"]),
 ]
@@ -310,8 +308,7 @@ def profile_breakdown(model, batches, include) -> tuple[float, list[dict], str]:
     for label, names in PHASES:
         sec = next((by_name[n] for n in names if n in by_name), None)
         rows.append({"phase": label, "seconds": sec, "share": None if sec is None else sec / total})
-    rows.append({"phase": "  LAPACK eigh in the caller's thread (0 when overlapped)", "seconds": eigh_builtin,
-                 "share": eigh_builtin / total})
+    rows.append({"phase": "  LAPACK eigh itself", "seconds": eigh_builtin, "share": eigh_builtin / total})
     import io
 
     buf = io.StringIO()

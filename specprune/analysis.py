@@ -7,7 +7,7 @@ per layer: mode energies), so later stages (recommend, report) never recompute.
 Scale (docs/scaling.md): the memory an analysis needs is estimated and checked before any accumulator
 exists (:mod:`specprune.memory`; recorded under ``"memory"``); accumulators stay on each layer's device
 or, with ``offload``, in CPU memory; groups are solved one at a time on their device (CPU fallback),
-wide ones in float32, overlapping the fits on a multi-core CPU (:mod:`specprune.solve`).
+wide ones in float32 (:mod:`specprune.solve`).
 
 Truncated spectra. With ``solver="auto"`` (the ``analyze`` command's default) input groups of width
 d ≥ ``randomized_threshold`` (8192), with ``solver="randomized"`` every group, are solved for their top
@@ -45,15 +45,7 @@ from . import __version__
 from .errors import InputError
 from .io import dumps, write_atomic
 from .layers import TargetLayer, select_layers
-from .solve import (
-    _covariance_,
-    _eigh,
-    _with_cpu_fallback,
-    error_bound,
-    overlap_helps,
-    overlapped,
-    solve_precision,
-)
+from .solve import _covariance_, _eigh, _with_cpu_fallback, error_bound, solve_precision
 
 ANALYSIS_FILE = "analysis.json"
 SPECTRA_FILE = "spectra.safetensors"
@@ -331,15 +323,13 @@ def layer_gains(layer: TargetLayer, group: InputGroup) -> tuple[np.ndarray, floa
 
 
 def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
-                    total_energy: float | None = None,
-                    gains: tuple[np.ndarray, float] | None = None) -> LayerAnalysis:
+                    total_energy: float | None = None) -> LayerAnalysis:
     """Spectrum, fits and frontier of one layer from its input group's eigenpairs (a truncated group:
-    see the module docstring; ``total_energy`` = tr(W Σ Wᵀ), else the lumped covariance model's;
-    ``gains``: :func:`layer_gains` when already computed)."""
+    see the module docstring; ``total_energy`` = tr(W Σ Wᵀ), else the lumped covariance model's)."""
     from .randomized import flat_tail_effective_rank
     from .spectra import LayerSpectrum
 
-    gain, w_sq = gains if gains is not None else layer_gains(layer, group)
+    gain, w_sq = layer_gains(layer, group)
     spec = LayerSpectrum.from_eigen(group.eigenvalues, group.eigenvalues * gain, tokens=group.tokens,
                                     d_out=layer.d_out, mode_gain=gain)
     s = spec.summary_dict()
@@ -502,8 +492,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     ``specprune analyze`` command) or ``randomized`` (every group); ``precision`` — of the full solves:
     ``auto`` (float32 for inputs ≥ 1024 wide with ≥ 2d tokens, else float64; :mod:`specprune.solve`),
     ``float32`` or ``float64``; ``memory_check`` — estimate and check memory up front (the estimate is
-    recorded in ``Analysis.memory``); ``log`` — receives one-line status messages. On a multi-core CPU
-    the solves run in a worker thread while the finished groups' layers are fitted.
+    recorded in ``Analysis.memory``); ``log`` — receives one-line status messages.
     """
     from .data import Batches, from_iterable, load_data
     from .distributed import all_reduce_scalars, is_distributed, shard, solve_on_main
@@ -566,7 +555,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
             if acc.gram is None or acc.tokens == 0:
                 raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
 
-        def solve(key: str) -> tuple[InputGroup, dict[str, float], dict[str, tuple[np.ndarray, float]]]:
+        def solve(key: str) -> tuple[InputGroup, dict[str, float]]:
             acc = accs[key]
             how, k = choose_solver(acc.d, **solver_kw)
             energies: dict[str, float] = {}
@@ -584,21 +573,13 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                                    res.eigenvectors.cpu().numpy(), list(acc.layers), dim=acc.d,
                                    tail_trace=res.tail_trace, solver=res.describe())
             acc.gram = None  # free as we go: one accumulator's solve at a time
-            # the mode gains (GEMMs, W U) beside the solve: in the worker they overlap the fits too
-            return group, energies, {lay.name: layer_gains(lay, group) for lay in members[key]}
+            return group, energies
 
-        # full solves (and the mode gains) on the CPU overlap the fits of the groups already solved;
-        # randomized solves and dispatched models (accelerate brings offloaded weights back in hooks
-        # that are not thread-safe) stay in the caller's thread
-        overlap = (not is_distributed() and not dispatched
-                   and overlap_helps(acc.device for acc in accs.values())
-                   and all(choose_solver(acc.d, **solver_kw)[0] == "full" for acc in accs.values()))
-        with contextlib.closing(overlapped(list(accs), solve, overlap)) as solved:
-            for key, (group, energies, gains) in track(solved, "eigensolves and fits", total=len(accs)):
-                groups[key] = group
-                for lay in members[key]:
-                    summaries[lay.name] = summarize_layer(lay, group, accs[key].skipped_tokens,
-                                                          energies.get(lay.name), gains[lay.name])
+        for key in track(list(accs), "eigensolves and fits"):
+            group, energies = solve(key)
+            groups[key] = group
+            for lay in members[key]:
+                summaries[lay.name] = summarize_layer(lay, group, accs[key].skipped_tokens, energies.get(lay.name))
         out_layers = [summaries[lay.name] for lay in layers]
     finally:
         if moved:

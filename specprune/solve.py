@@ -1,5 +1,5 @@
 """Dense eigensolves of accumulated Grams: covariance in place, the precision of the solve, GPU → CPU
-fallback, and the overlap of the solves with the per-layer fits on a multi-core CPU.
+fallback.
 
 Precision (``precision="auto"``, the default of :func:`specprune.analysis.analyze`). Inputs at least
 :data:`FLOAT32_MIN_DIM` wide whose Gram has at least twice as many tokens as dimensions are solved in
@@ -17,18 +17,10 @@ float64: there the float32 round-off would stand in for the exactly-zero eigenva
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
-
 import numpy as np
 import torch
 
 from .errors import InputError
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 FLOAT32_MIN_DIM = 1024
 PRECISIONS = ("auto", "float32", "float64")
@@ -105,42 +97,3 @@ def error_bound(d: int, top: float, precision: str) -> float:
     """The backward-stable eigenvalue error bound d · ε · λ₁ of a solve in ``precision``."""
     eps = float(np.finfo(np.float32 if precision == "float32" else np.float64).eps)
     return float(d * eps * max(top, 0.0))
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def overlapped(items: Iterable[T], solve: Callable[[T], R], overlap: bool) -> Iterator[tuple[T, R]]:
-    """``(item, solve(item))`` in order. With ``overlap`` the solves run one after another in a worker
-    thread on one intra-op thread while the caller consumes the results on the other core(s): the
-    caller's work (the fits: Python and small NumPy calls) then overlaps the next solve instead of
-    waiting for it. On all-MiniLM-L6-v2's 25 groups, float32 solves + fits took 2.2 s overlapped against
-    2.9 s one after the other (2-core CPU; with two intra-op threads for the worker: 2.5 s). The worker is
-    stopped (pending solves cancelled, the running one awaited) and the thread count restored when the
-    caller stops early or raises."""
-    items = list(items)
-    if not overlap or len(items) < 2:
-        for it in items:
-            yield it, solve(it)
-        return
-    with _torch_threads(max(1, torch.get_num_threads() - 1)):
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specprune-solve")
-        try:
-            futures = [pool.submit(solve, it) for it in items]
-            for it, fut in zip(items, futures):
-                yield it, fut.result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def overlap_helps(devices: Iterable[torch.device]) -> bool:
-    """Overlap solves with fits only on a CPU with ≥ 2 intra-op threads and every solve on the CPU (GPU
-    solves are asynchronous already; one core has nothing to overlap with)."""
-    return torch.get_num_threads() >= 2 and all(torch.device(d).type == "cpu" for d in devices)

@@ -1,8 +1,6 @@
-"""specprune.solve: the precision rule, float32 solves against float64, and the solve/fit overlap."""
+"""specprune.solve: the precision rule, and float32 solves against float64 (alone and in analyze)."""
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from torch import nn
 
 from specprune.analysis import Analysis, analyze
 from specprune.errors import InputError
-from specprune.solve import _eigh, error_bound, overlapped, solve_precision
+from specprune.solve import _eigh, error_bound, solve_precision
 
 
 def test_precision_rule():
@@ -45,58 +43,6 @@ def test_float32_solve_within_its_error_bound():
     assert np.all(np.diff(ev32) <= 0) and ev32.min() >= 0
 
 
-def test_overlapped_in_order_and_restores_threads():
-    threads = torch.get_num_threads()
-    seen = []
-
-    def solve(i):
-        seen.append((i, threading.current_thread().name, torch.get_num_threads()))
-        return i * i
-
-    out = list(overlapped(range(5), solve, overlap=True))
-    assert out == [(i, i * i) for i in range(5)]
-    assert [s[0] for s in seen] == list(range(5))
-    assert all(name.startswith("specprune-solve") for _, name, _ in seen)
-    assert all(n == max(1, threads - 1) for _, _, n in seen)
-    assert torch.get_num_threads() == threads
-    # without overlap: the caller's thread, nothing changed
-    seen.clear()
-    assert list(overlapped(range(3), solve, overlap=False)) == [(0, 0), (1, 1), (2, 4)]
-    assert all(name == threading.current_thread().name for _, name, _ in seen)
-
-
-def test_overlapped_stops_the_worker_when_the_caller_stops():
-    threads = torch.get_num_threads()
-    started = []
-    gate = threading.Event()
-
-    def solve(i):
-        started.append(i)
-        if i > 0:
-            gate.wait(10)  # the second solve is still running when the caller stops
-        return i
-
-    gen = overlapped(range(50), solve, overlap=True)
-    assert next(gen) == (0, 0)
-    for _ in range(500):  # let the worker start the second solve
-        if len(started) == 2:
-            break
-        threading.Event().wait(0.01)
-    threading.Timer(0.3, gate.set).start()
-    gen.close()  # pending solves cancelled at once, the running one awaited
-    assert gate.is_set() and started == [0, 1]
-    assert torch.get_num_threads() == threads
-
-    def failing(i):
-        if i == 2:
-            raise InputError("boom")
-        return i
-
-    with pytest.raises(InputError, match="boom"):
-        list(overlapped(range(6), failing, overlap=True))
-    assert torch.get_num_threads() == threads
-
-
 class _Wide(nn.Module):
     def __init__(self):
         super().__init__()
@@ -108,25 +54,23 @@ class _Wide(nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
-def test_analyze_records_float32_solves_and_overlap_matches_sequential(tmp_path, monkeypatch):
+def test_analyze_records_float32_solves_and_matches_float64(tmp_path):
     torch.manual_seed(1)
     batches = [torch.randn(512, 64) for _ in range(6)]  # 3072 tokens ≥ 2 × 1024
     model = _Wide()
-    over = analyze(model, batches)
-    import specprune.analysis as A
-
-    monkeypatch.setattr(A, "overlap_helps", lambda devices: False)
-    seq = analyze(model, batches)
+    auto = analyze(model, batches)
     exact = analyze(model, batches, precision="float64")
-    g = over.groups["down"]
+    g = auto.groups["down"]
     assert g.solver["precision"] == "float32" and g.solver["eigenvalue_error_bound"] > 0
-    assert not g.truncated and over.groups["up"].solver == {}  # 64 wide: float64
-    for a, b in ((over, seq), (over, exact)):
-        for la, lb in zip(a.layers, b.layers):
-            assert la.name == lb.name and la.k_star == lb.k_star
-            np.testing.assert_allclose(la.eigenvalues, lb.eigenvalues, rtol=1e-4,
-                                       atol=error_bound(la.d_in, lb.eigenvalues[0], "float32"))
-            assert la.b == pytest.approx(lb.b, abs=1e-3)
-    over.save(tmp_path / "a")
+    assert not g.truncated and auto.groups["up"].solver == {}  # 64 wide: float64
+    assert exact.groups["down"].solver == {}
+    for la, lb in zip(auto.layers, exact.layers):
+        assert la.name == lb.name and la.k_star == lb.k_star
+        np.testing.assert_allclose(la.eigenvalues, lb.eigenvalues, rtol=1e-4,
+                                   atol=error_bound(la.d_in, lb.eigenvalues[0], "float32"))
+        assert la.b == pytest.approx(lb.b, abs=1e-3) and la.a == pytest.approx(lb.a, abs=1e-3)
+    auto.save(tmp_path / "a")
     back = Analysis.load(tmp_path / "a")
     assert back.groups["down"].solver == g.solver and not back.truncated
+    with pytest.raises(InputError, match="precision must be one of"):
+        analyze(model, batches, precision="bf16")
