@@ -563,9 +563,9 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                 prec = solve_precision(acc.d, acc.tokens, precision)
                 # under torch.distributed rank 0 solves and broadcasts (every rank holds the same Gram)
                 evals, evecs = solve_on_main(lambda: _eigh(acc.gram, acc.tokens, acc.device, prec), acc.d)
+                top = float(evals[0]) if len(evals) else 0.0
                 info = {} if prec == "float64" else {
-                    "method": "eigh", "precision": prec,
-                    "eigenvalue_error_bound": error_bound(acc.d, float(evals[0]) if len(evals) else 0.0, prec)}
+                    "method": "eigh", "precision": prec, "eigenvalue_error_bound": error_bound(acc.d, top, prec)}
                 group = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers), solver=info)
             else:
                 res, energies = _topk(acc.gram, acc.tokens, k, acc.device, members[key], seed)
@@ -579,7 +579,8 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
             group, energies = solve(key)
             groups[key] = group
             for lay in members[key]:
-                summaries[lay.name] = summarize_layer(lay, group, accs[key].skipped_tokens, energies.get(lay.name))
+                summaries[lay.name] = summarize_layer(lay, group, accs[key].skipped_tokens,
+                                                      energies.get(lay.name))
         out_layers = [summaries[lay.name] for lay in layers]
     finally:
         if moved:

@@ -11,7 +11,7 @@ analysis' cost from d ≈ 1024 on. Its error is LAPACK's backward-stable bound, 
 top modes to ~1e-6, the far tail (λ ≲ 1e-4 λ₁) only roughly. The Gram itself is summed from float32
 batch products, so its smallest eigenvalues already carry float32 rounding; eigenvectors are stored in
 float32 either way. Measured on all-MiniLM-L6-v2's 37 layers (docs/benchmarks.md): the same k* on every
-layer, |Δb| ≤ 3e-6 and |Δa| ≤ 4e-4 against float64 solves. A rank-deficient sample (tokens < 2d) keeps
+layer, |Δb| ≤ 3.3e-6 and |Δa| ≤ 8.6e-5 against float64 solves. A rank-deficient sample (tokens < 2d) keeps
 float64: there the float32 round-off would stand in for the exactly-zero eigenvalues the fits leave out.
 """
 

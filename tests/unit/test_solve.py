@@ -25,7 +25,8 @@ def test_precision_rule():
 
 def _power_law_gram(d: int, n: int, seed: int = 0) -> tuple[torch.Tensor, int]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.arange(1, d + 1, dtype=torch.float64) ** -0.7
+    scale = torch.arange(1, d + 1, dtype=torch.float64) ** -0.7
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
     return x.T @ x, n
 
 
