@@ -314,14 +314,6 @@ def _mode_gains(w: torch.Tensor, u: torch.Tensor, chunk_bytes: int = 64 << 20) -
     return gain.numpy(), w_sq
 
 
-def layer_gains(layer: TargetLayer, group: InputGroup) -> tuple[np.ndarray, float]:
-    """(‖W u_k‖² per mode of ``group``, ‖W‖_F²) of one layer, in the group's solve precision."""
-    u = torch.as_tensor(group.eigenvectors,
-                        dtype=torch.float32 if group.solver.get("precision") == "float32" else torch.float64)
-    with _materialized(layer):
-        return _mode_gains(layer.weight_matrix().detach(), u)
-
-
 def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
                     total_energy: float | None = None) -> LayerAnalysis:
     """Spectrum, fits and frontier of one layer from its input group's eigenpairs (a truncated group:
@@ -329,7 +321,10 @@ def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
     from .randomized import flat_tail_effective_rank
     from .spectra import LayerSpectrum
 
-    gain, w_sq = layer_gains(layer, group)
+    u = torch.as_tensor(group.eigenvectors,  # in the solve's precision (float32 solves: float32 products)
+                        dtype=torch.float32 if group.solver.get("precision") == "float32" else torch.float64)
+    with _materialized(layer):
+        gain, w_sq = _mode_gains(layer.weight_matrix().detach(), u)
     spec = LayerSpectrum.from_eigen(group.eigenvalues, group.eigenvalues * gain, tokens=group.tokens,
                                     d_out=layer.d_out, mode_gain=gain)
     s = spec.summary_dict()
@@ -550,38 +545,32 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                 acc.tokens, acc.skipped_tokens = (int(v) for v in all_reduce_scalars(acc.tokens,
                                                                                      acc.skipped_tokens))
         groups: dict[str, InputGroup] = {}
-        summaries: dict[str, LayerAnalysis] = {}
-        for key, acc in accs.items():
+        skipped: dict[str, int] = {}
+        energies: dict[str, float] = {}
+        for key, acc in track(list(accs.items()), "eigensolves"):
             if acc.gram is None or acc.tokens == 0:
                 raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
-
-        def solve(key: str) -> tuple[InputGroup, dict[str, float]]:
-            acc = accs[key]
             how, k = choose_solver(acc.d, **solver_kw)
-            energies: dict[str, float] = {}
             if how == "full":
                 prec = solve_precision(acc.d, acc.tokens, precision)
                 # under torch.distributed rank 0 solves and broadcasts (every rank holds the same Gram)
-                evals, evecs = solve_on_main(lambda: _eigh(acc.gram, acc.tokens, acc.device, prec), acc.d)
+                evals, evecs = solve_on_main(
+                    lambda acc=acc, prec=prec: _eigh(acc.gram, acc.tokens, acc.device, prec), acc.d)
                 top = float(evals[0]) if len(evals) else 0.0
-                info = {} if prec == "float64" else {
-                    "method": "eigh", "precision": prec, "eigenvalue_error_bound": error_bound(acc.d, top, prec)}
-                group = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers), solver=info)
+                info = {} if prec == "float64" else {"method": "eigh", "precision": prec,
+                                                      "eigenvalue_error_bound": error_bound(acc.d, top, prec)}
+                groups[key] = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers), solver=info)
             else:
-                res, energies = _topk(acc.gram, acc.tokens, k, acc.device, members[key], seed)
-                group = InputGroup(key, acc.tokens, res.eigenvalues.cpu().numpy(),
-                                   res.eigenvectors.cpu().numpy(), list(acc.layers), dim=acc.d,
-                                   tail_trace=res.tail_trace, solver=res.describe())
+                res, en = _topk(acc.gram, acc.tokens, k, acc.device, members[key], seed)
+                energies.update(en)
+                groups[key] = InputGroup(key, acc.tokens, res.eigenvalues.cpu().numpy(),
+                                         res.eigenvectors.cpu().numpy(), list(acc.layers), dim=acc.d,
+                                         tail_trace=res.tail_trace, solver=res.describe())
+            skipped[key] = acc.skipped_tokens
             acc.gram = None  # free as we go: one accumulator's solve at a time
-            return group, energies
-
-        for key in track(list(accs), "eigensolves and fits"):
-            group, energies = solve(key)
-            groups[key] = group
-            for lay in members[key]:
-                summaries[lay.name] = summarize_layer(lay, group, accs[key].skipped_tokens,
-                                                      energies.get(lay.name))
-        out_layers = [summaries[lay.name] for lay in layers]
+        out_layers = [summarize_layer(lay, groups[probe.layer_acc[lay.name]],
+                                      skipped[probe.layer_acc[lay.name]], energies.get(lay.name))
+                      for lay in track(layers, "fits")]
     finally:
         if moved:
             model.to(original)
