@@ -89,7 +89,7 @@ import numpy as np
 from scipy import linalg, optimize
 
 from .errors import InputError
-from .lmfit import frontier_rows, lm_batch, null_rows
+from .lmfit import frontier_rows, lm_batch, null_rows, soft_l1_cost
 
 __all__ = [
     "FrontierFit",
@@ -495,12 +495,6 @@ def _log_bins(lk: np.ndarray, y: np.ndarray, wts: np.ndarray) -> tuple[np.ndarra
     return lk_b, y_b, np.sqrt(w2)
 
 
-def _robust_cost(resid: np.ndarray, sigma: float) -> float:
-    """Unweighted soft-L1 cost ``½ Σ σ² ρ((r/σ)²)``, ``ρ(z) = 2(√(1+z) − 1)`` (≈ ½ Σ r² for small r)."""
-    z = (resid / sigma) ** 2
-    return float(0.5 * sigma**2 * np.sum(2.0 * (np.sqrt(1.0 + z) - 1.0)))
-
-
 def _lsq(
     model: Any,
     y: np.ndarray,
@@ -674,8 +668,8 @@ def estimate_frontier(
     # model comparison on the unweighted robust cost: the weights shape the fit, but every mode's
     # log-gain has the same noise, so evidence is counted per mode (a fit that only bends through the
     # first few heavily weighted modes gains almost nothing here)
-    cost1 = max(_robust_cost(model(best.x) - y, sigma), 1e-300)
-    cost0 = _robust_cost(null_model(null.x) - y, sigma) if null is not None else float("inf")
+    cost1 = max(float(soft_l1_cost(model(best.x) - y, sigma)), 1e-300)
+    cost0 = float(soft_l1_cost(null_model(null.x) - y, sigma)) if null is not None else float("inf")
     cost0 = max(cost0, cost1)
     dbic = n * math.log(cost0 / cost1) - 2.0 * math.log(n)
     k_probe = min(2.0 * k_fit, n_top)
