@@ -318,15 +318,32 @@ def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
                     total_energy: float | None = None) -> LayerAnalysis:
     """Spectrum, fits and frontier of one layer from its input group's eigenpairs (a truncated group:
     see the module docstring; ``total_energy`` = tr(W Σ Wᵀ), else the lumped covariance model's)."""
-    from .randomized import flat_tail_effective_rank
+    return summarize_layers([(layer, group, skipped, total_energy)])[0]
+
+
+def summarize_layers(items: Sequence[tuple[TargetLayer, InputGroup, int, float | None]]) -> list[LayerAnalysis]:
+    """:func:`summarize_layer` of many ``(layer, group, skipped, total_energy)``: the mode gains one layer
+    at a time, then every layer's fits together (their frontier screenings in one batch,
+    :meth:`LayerSpectrum.from_eigen_many`)."""
+    from .progress import track
     from .spectra import LayerSpectrum
 
-    u = torch.as_tensor(group.eigenvectors,  # in the solve's precision (float32 solves: float32 products)
-                        dtype=torch.float32 if group.solver.get("precision") == "float32" else torch.float64)
-    with _materialized(layer):
-        gain, w_sq = _mode_gains(layer.weight_matrix().detach(), u)
-    spec = LayerSpectrum.from_eigen(group.eigenvalues, group.eigenvalues * gain, tokens=group.tokens,
-                                    d_out=layer.d_out, mode_gain=gain)
+    gains = []
+    for layer, group, *_ in track(items, "fits"):
+        u = torch.as_tensor(group.eigenvectors,  # in the solve's precision (float32 solves: float32 products)
+                            dtype=torch.float32 if group.solver.get("precision") == "float32" else torch.float64)
+        with _materialized(layer):
+            gains.append(_mode_gains(layer.weight_matrix().detach(), u))
+    specs = LayerSpectrum.from_eigen_many([
+        {"eigenvalues": group.eigenvalues, "mode_energy": group.eigenvalues * gain, "tokens": group.tokens,
+         "d_out": layer.d_out, "mode_gain": gain} for (layer, group, *_), (gain, _) in zip(items, gains)])
+    return [_layer_analysis(*item, gain, w_sq, spec) for item, (gain, w_sq), spec in zip(items, gains, specs)]
+
+
+def _layer_analysis(layer: TargetLayer, group: InputGroup, skipped: int, total_energy: float | None,
+                    gain: np.ndarray, w_sq: float, spec) -> LayerAnalysis:
+    from .randomized import flat_tail_effective_rank
+
     s = spec.summary_dict()
     flags = []
     if skipped:
@@ -568,9 +585,9 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                                          tail_trace=res.tail_trace, solver=res.describe())
             skipped[key] = acc.skipped_tokens
             acc.gram = None  # free as we go: one accumulator's solve at a time
-        out_layers = [summarize_layer(lay, groups[probe.layer_acc[lay.name]],
-                                      skipped[probe.layer_acc[lay.name]], energies.get(lay.name))
-                      for lay in track(layers, "fits")]
+        out_layers = summarize_layers([(lay, groups[probe.layer_acc[lay.name]],
+                                        skipped[probe.layer_acc[lay.name]], energies.get(lay.name))
+                                       for lay in layers])
     finally:
         if moved:
             model.to(original)

@@ -238,6 +238,15 @@ def load_model(source, arch: str | None = None, trust_remote_code: bool = False,
     ``device_map`` (Hugging Face directories only; sharded ``model.safetensors.index.json``
     checkpoints included): dispatch the model over the available devices with accelerate, for models
     larger than one device; specprune then never moves it (see :func:`specprune.analysis.analyze`)."""
+    from .heap import settle
+
+    loaded = _load_model(source, arch, trust_remote_code, dtype, device_map)
+    settle()  # the CLI process only: imports and weights leave the cycle collector's view
+    return loaded
+
+
+def _load_model(source, arch: str | None, trust_remote_code: bool, dtype: torch.dtype | None,
+                device_map: str | dict | None) -> LoadedModel:
     if device_map is not None and not (isinstance(source, (str, os.PathLike)) and Path(source).is_dir()
                                        and (Path(source) / "config.json").exists()
                                        and not (Path(source) / "specprune.json").exists()):

@@ -48,7 +48,9 @@ segmented reading of the data (a line fitted below the candidate, the lower quar
 β from the eigenvalue slope b); the starts of both floor kinds are screened together on ≤ 160 log-spaced
 bin means by a batched Levenberg–Marquardt (:mod:`specprune.lmfit`, all starts advance as one array
 operation: 4.7× less fitting time than one ``least_squares`` per start on all-MiniLM-L6-v2, same k*), and
-the best is polished on every mode. The no-frontier alternative is a power law plus constant floor ``ln(A k^{−c} + F)``.
+the best is polished on every mode. The estimator is a step generator (:func:`frontier_steps`): an analysis
+runs all its layers' generators together (:func:`run_steps`, :meth:`LayerSpectrum.from_eigen_many`), so
+every layer's screening is one batch (MiniLM's 37 layers: fits 1.67 → 1.25 s, the same numbers exactly). The no-frontier alternative is a power law plus constant floor ``ln(A k^{−c} + F)``.
 
 A frontier is *detected* only when all of these hold (each failure is named in ``message``):
 
@@ -82,6 +84,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +92,7 @@ import numpy as np
 from scipy import linalg, optimize
 
 from .errors import InputError
-from .lmfit import frontier_rows, lm_batch, null_rows, soft_l1_cost
+from .lmfit import Problem, frontier_rows, null_rows, soft_l1_cost, solve_problems
 
 __all__ = [
     "FrontierFit",
@@ -100,6 +103,8 @@ __all__ = [
     "effective_rank",
     "estimate_frontier",
     "fit_power_law",
+    "frontier_steps",
+    "run_steps",
     "participation_ratio",
 ]
 
@@ -525,7 +530,7 @@ def _lsq(
     return r if np.isfinite(r.cost) else None
 
 
-def estimate_frontier(
+def frontier_steps(
     eigenvalues: Any,
     mode_energy: Any,
     *,
@@ -540,8 +545,11 @@ def estimate_frontier(
     max_spread: float = 4.0,
     weight_power: float = 0.5,
     weight_offset: float = 0.0,
-) -> FrontierFit:
-    """Estimate the learning frontier k* from a layer's spectrum (model and rules: module docstring).
+) -> Generator[list[Problem], list[tuple[np.ndarray, np.ndarray]], FrontierFit]:
+    """Estimate the learning frontier k* from a layer's spectrum (model and rules: module docstring), as a
+    generator: it yields its screening problems once, receives their solutions, and returns the
+    :class:`FrontierFit` (``StopIteration.value``). :func:`run_steps` drives many layers' generators in
+    lockstep so that their screenings run as one batch; :func:`estimate_frontier` runs one.
 
     Parameters
     ----------
@@ -620,7 +628,14 @@ def estimate_frontier(
     kinds = ("decaying", "constant") if floor == "auto" else (floor,)
     rows = np.array([th0 for _ in kinds for th0 in starts])
     dec = np.array([kind == "decaying" for kind in kinds for _ in starts])
-    th_s, cost_s = lm_batch(frontier_rows(lk_b, dec), y_b, w_b, rows, *bounds1, sigma, max_iter=40)
+    # the no-frontier alternative: power law + constant floor, screened in the same batch
+    bounds0 = (np.array([-np.inf, -20.0, lf_lo]), np.array([np.inf, 20.0, lf_hi]))
+    a_all, s_all = _line(lk, y)
+    null_starts = np.array([[a_all, -s_all, lf0] for lf0 in (ylo - 6.0, float(np.percentile(y, 10)))])
+    (th_s, cost_s), (th0s, cost0s) = yield [
+        Problem("frontier", lk_b, y_b, w_b, rows, *bounds1, sigma, decaying=dec),
+        Problem("null", lk_b, y_b, w_b, null_starts, *bounds0, sigma),
+    ]
     screened = []
     for i, kind in enumerate(kinds):
         part = slice(i * len(starts), (i + 1) * len(starts))
@@ -653,12 +668,7 @@ def estimate_frontier(
         )
     model = _FrontierModel(lk, decaying=best_kind == "decaying")
 
-    # the no-frontier alternative: power law + constant floor
     null_model = _NullModel(lk)
-    bounds0 = (np.array([-np.inf, -20.0, lf_lo]), np.array([np.inf, 20.0, lf_hi]))
-    a_all, s_all = _line(lk, y)
-    null_starts = np.array([[a_all, -s_all, lf0] for lf0 in (ylo - 6.0, float(np.percentile(y, 10)))])
-    th0s, cost0s = lm_batch(null_rows(lk_b), y_b, w_b, null_starts, *bounds0, sigma, max_iter=40)
     j0 = int(np.argmin(cost0s))
     null = _lsq(null_model, y, wts, th0s[j0] if np.isfinite(cost0s[j0]) else null_starts[0], bounds0, sigma,
                 max_nfev=200)
@@ -749,6 +759,40 @@ def estimate_frontier(
     )
 
 
+def run_steps(steps: Sequence[Generator[list[Problem], Any, Any]]) -> list[Any]:
+    """Drive step generators (:func:`frontier_steps`, :meth:`LayerSpectrum.from_eigen_steps`) in lockstep:
+    each round, every generator still running has yielded its screening problems; they are solved in one
+    :func:`specprune.lmfit.solve_problems` batch and each generator gets its own solutions back. Returns
+    the generators' return values, in order. One layer's screening is a few dozen small array steps whose
+    cost is mostly Python's; a model's layers together pay that once."""
+    results: list[Any] = [None] * len(steps)
+    pending: dict[int, list[Problem]] = {}
+
+    def advance(i: int, answer: Any) -> None:
+        try:
+            pending[i] = steps[i].send(answer)
+        except StopIteration as stop:
+            results[i] = stop.value
+
+    for i in range(len(steps)):
+        advance(i, None)
+    while pending:
+        order = list(pending)
+        flat = [p for i in order for p in pending[i]]
+        solved = iter(solve_problems(flat))
+        asked = {i: len(pending[i]) for i in order}
+        pending = {}
+        for i in order:
+            advance(i, [next(solved) for _ in range(asked[i])])
+    return results
+
+
+def estimate_frontier(eigenvalues: Any, mode_energy: Any, **options: Any) -> FrontierFit:
+    """Estimate the learning frontier k* of one layer: :func:`frontier_steps` run on its own (options,
+    model and detection rules there and in the module docstring)."""
+    return run_steps([frontier_steps(eigenvalues, mode_energy, **options)])[0]
+
+
 # -------------------------------------------------------------------------------------- spectrum
 @dataclass
 class LayerSpectrum:
@@ -773,7 +817,20 @@ class LayerSpectrum:
 
     # ---- construction
     @classmethod
-    def from_eigen(
+    def from_eigen(cls, eigenvalues: Any, mode_energy: Any, **kwargs: Any) -> LayerSpectrum:
+        """Build from (saved) eigenvalues and mode energies, recomputing every fit: :meth:`from_eigen_steps`
+        (arguments and fit ranges there) run on its own."""
+        return run_steps([cls.from_eigen_steps(eigenvalues, mode_energy, **kwargs)])[0]
+
+    @classmethod
+    def from_eigen_many(cls, items: Sequence[dict[str, Any]]) -> list[LayerSpectrum]:
+        """:meth:`from_eigen` of many layers (``items``: each one's keyword arguments, ``eigenvalues`` and
+        ``mode_energy`` included) with their frontier screenings solved as one batch; each result equals
+        what :meth:`from_eigen` gives for that layer alone (to round-off)."""
+        return run_steps([cls.from_eigen_steps(**item) for item in items])
+
+    @classmethod
+    def from_eigen_steps(
         cls,
         eigenvalues: Any,
         mode_energy: Any,
@@ -783,8 +840,9 @@ class LayerSpectrum:
         mode_gain: Any = None,
         eigenvectors: Any = None,
         frontier_options: dict[str, Any] | None = None,
-    ) -> LayerSpectrum:
-        """Build from (saved) eigenvalues and mode energies, recomputing every fit.
+    ) -> Generator[list[Problem], Any, LayerSpectrum]:
+        """Build from (saved) eigenvalues and mode energies, recomputing every fit; a step generator
+        (:func:`run_steps`) that yields the frontier's screening problems.
 
         ``b`` is fitted to λ over :func:`default_fit_range`; the frontier from the gains; ``a`` to e_k over
         the clearly learned modes, the default range cut at ``k*/2`` (there ``g = 2^b`` and the mode is
@@ -806,7 +864,7 @@ class LayerSpectrum:
             q = _to_numpy(mode_gain, "mode_gain").ravel()
         lam_fit = np.where(usable, lam, 0.0)
         b_fit = fit_power_law(lam_fit)
-        frontier = estimate_frontier(
+        frontier = yield from frontier_steps(
             lam, e, gain=q, beta_init=b_fit.exponent if b_fit.success else None, **(frontier_options or {})
         )
         k_lo, k_hi = default_fit_range(d)

@@ -53,8 +53,10 @@ _mount_optional()
 
 
 def main() -> None:
+    from .. import heap
     from ..distributed import init_from_env
 
+    heap.enable()  # this process only: see specprune.heap
     _terminate_as_interrupt()
     _quiet_third_party()
     distributed = init_from_env()  # under torchrun: one process group, rank 0 writes
@@ -65,6 +67,7 @@ def main() -> None:
             from ..distributed import shutdown
 
             shutdown()
+        heap.settle()  # exit then skips walking every object once more
 
 
 def _terminate_as_interrupt() -> None:

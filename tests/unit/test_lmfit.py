@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from specprune.lmfit import frontier_rows, lm_batch, null_rows, soft_l1_cost
+from specprune.lmfit import Problem, frontier_rows, lm_batch, null_rows, soft_l1_cost, solve_problems
 
 LK = np.log(np.arange(1, 161, dtype=np.float64))
 TRUE = np.array([0.5, 1.2, np.log(30.0), np.log(2.0), -4.0])  # ln A, c, ln k*, ln β, ln F
@@ -78,3 +78,30 @@ def test_rows_that_start_non_finite_stay_put():
     th, cost = lm_batch(model, y, np.ones_like(y), starts, LO, HI, 0.1)
     assert np.isfinite(cost[0]) and np.isinf(cost[1])
     assert np.array_equal(th[1], np.clip(starts[1], LO + 1e-9, HI - 1e-9))
+
+
+def test_problems_solved_in_one_batch_equal_each_solved_alone():
+    """Many independent problems (own series lengths, weights, bounds and σ; both model kinds) in one
+    ``solve_problems`` call, chunked or not: each gets what ``lm_batch`` gives it alone."""
+    rng = np.random.default_rng(1)
+    probs = []
+    for i, (m, k_true, sigma) in enumerate(((160, 30.0, 0.05), (90, 8.0, 0.1), (40, 12.0, 0.02))):
+        lk = np.log(np.arange(1, m + 1, dtype=np.float64))
+        true = np.array([0.5, 1.0 + 0.2 * i, np.log(k_true), np.log(2.0), -4.0])
+        y = frontier_rows(lk, np.array([True]))(true[None, :], np.arange(1))[0][0] + sigma * rng.standard_normal(m)
+        w = np.linspace(1.5, 0.5, m)
+        starts = np.array([[0.0, 1.0, np.log(kc), np.log(1.5), -3.0] for kc in (3, 10, 60)] * 2)
+        hi = HI.copy()
+        hi[2] = np.log(10.0 * m)
+        probs.append(Problem("frontier", lk, y, w, starts, LO, hi, sigma, decaying=np.repeat([True, False], 3)))
+        probs.append(Problem("null", lk, y, w, np.array([[0.0, 1.0, -6.0], [0.5, 0.5, -2.0]]),
+                             np.array([-np.inf, -20.0, -20.0]), np.array([np.inf, 20.0, 5.0]), sigma))
+    for max_rows in (2048, 7):
+        together = solve_problems(probs, max_rows=max_rows)
+        for p, (th, cost) in zip(probs, together):
+            model = frontier_rows(p.lk, p.decaying) if p.kind == "frontier" else null_rows(p.lk)
+            th1, cost1 = lm_batch(model, p.y, p.w, p.theta0, p.lo, p.hi, p.sigma, max_iter=40)
+            np.testing.assert_allclose(th, th1, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(cost, cost1, rtol=1e-9)
+            assert np.all(np.isfinite(cost))
+

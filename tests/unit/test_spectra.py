@@ -382,6 +382,40 @@ def test_from_eigen_rebuilds_the_same_result():
     assert rebuilt.b == pytest.approx(spec.b) and rebuilt.a == pytest.approx(spec.a, rel=1e-6)
 
 
+def test_many_layers_fitted_together_match_each_fitted_alone():
+    """``from_eigen_many`` (one batched screening for all layers) gives each layer exactly what
+    ``from_eigen`` gives it alone: detected and undetected frontiers, different widths, a layer with too
+    few modes for any fit, and frontier options passed per layer."""
+    items = []
+    for d, a, b, k, noise, seed in ((D, 1.5, 2.0, 40, 1.0, 71), (64, 2.5, 3.0, 8, 0.5, 72),
+                                     (128, 2.0, 1.5, 100, 0.0, 73), (D, 2.0, 2.0, 30, 0.0, 74)):
+        gram, n, w, _, _ = _layer(d, a, b, k, noise, seed=seed)
+        spec = compute_spectrum(gram, n, w)
+        items.append({"eigenvalues": spec.eigenvalues, "mode_energy": spec.mode_energy, "tokens": n,
+                      "d_out": w.shape[0], "mode_gain": spec.mode_gain})
+    items.append({"eigenvalues": np.array([3.0, 2.0, 1.0]), "mode_energy": np.ones(3), "tokens": 9, "d_out": 2})
+    items.append({**items[0], "frontier_options": {"floor": "constant", "n_starts": 5}})
+    alone = [LayerSpectrum.from_eigen(**it) for it in items]
+    together = LayerSpectrum.from_eigen_many(items)
+    assert [s.k_star for s in together] == [s.k_star for s in alone]
+    assert any(s.k_star is not None for s in alone) and any(s.k_star is None for s in alone)
+    assert together[4].frontier.message.startswith("no frontier: too few usable modes")
+    assert together[5].frontier.floor_model == "constant"
+    for x, y in zip(together, alone):
+        fx, fy = x.frontier, y.frontier
+        assert fx.message == fy.message and fx.floor_model == fy.floor_model
+        np.testing.assert_allclose([fx.k_star_fit, fx.delta_bic, fx.beta, fx.cost, fx.cost_null],
+                                   [fy.k_star_fit, fy.delta_bic, fy.beta, fy.cost, fy.cost_null], rtol=1e-9)
+        assert x.b == pytest.approx(y.b, rel=1e-12, nan_ok=True)
+        assert x.a == pytest.approx(y.a, rel=1e-9, nan_ok=True)
+
+
+def test_bad_input_in_a_batch_is_one_clear_error():
+    good = {"eigenvalues": np.linspace(2, 1, 20), "mode_energy": np.ones(20), "tokens": 40, "d_out": 3}
+    with pytest.raises(InputError, match="differ in length"):
+        LayerSpectrum.from_eigen_many([good, {**good, "mode_energy": np.ones(19)}])
+
+
 def test_frontier_fit_object_api():
     gram, n, w, _, _ = _layer(D, 2.5, 3.0, 26, 0.5, seed=81)
     spec = compute_spectrum(gram, n, w)

@@ -1,0 +1,51 @@
+"""The CLI process's collector settings (specprune.heap): active only after the entry point enables
+them, never in library use, and off with SPECPRUNE_GC_FREEZE=0."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from torch import nn
+
+from specprune import heap
+from specprune.models import load_model
+
+
+@pytest.fixture
+def fresh_heap(monkeypatch):
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    monkeypatch.setattr(heap, "_enabled", False)
+    monkeypatch.setattr(heap, "_thresholds", None)
+    yield thresholds
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+    assert frozen == 0  # nothing else in the test process had frozen objects
+
+
+def test_library_use_leaves_the_collector_alone(fresh_heap):
+    load_model(nn.Linear(3, 2))
+    heap.settle()
+    assert gc.get_threshold() == fresh_heap and gc.get_freeze_count() == 0
+
+
+def test_cli_process_defers_full_collections_until_a_model_is_loaded(fresh_heap, monkeypatch):
+    monkeypatch.delenv("SPECPRUNE_GC_FREEZE", raising=False)
+    heap.enable()
+    assert heap.enabled()
+    assert gc.get_threshold()[:2] == fresh_heap[:2] and gc.get_threshold()[2] > 10**6
+    gc.collect(0)  # young collections still run
+    load_model(nn.Linear(3, 2))  # settles: what is alive now is frozen, the thresholds are back
+    assert gc.get_freeze_count() > 0 and gc.get_threshold() == fresh_heap
+    garbage = [[]]
+    garbage[0].append(garbage)  # a cycle made after the freeze is still collected
+    del garbage
+    assert gc.collect() >= 1
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_turned_off_by_the_environment(fresh_heap, monkeypatch, value):
+    monkeypatch.setenv("SPECPRUNE_GC_FREEZE", value)
+    heap.enable()
+    heap.settle()
+    assert not heap.enabled() and gc.get_threshold() == fresh_heap and gc.get_freeze_count() == 0
