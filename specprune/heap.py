@@ -8,9 +8,10 @@ process only:
 
 - :func:`enable` (at start-up) defers *full* collections; young-generation collections, which free most
   cyclic garbage, run as usual;
-- :func:`settle`, once the first model is loaded and again when the command has finished, moves every
-  object alive into the collector's permanent generation (``gc.freeze``) and restores the default
-  thresholds, so later collections only look at what the work itself allocates.
+- :func:`settle`, once the first model is loaded, moves every object alive into the collector's
+  permanent generation (``gc.freeze``) and restores the default thresholds, so later collections only
+  look at what the work itself allocates; :func:`finish` freezes everything again when the command has
+  finished.
 
 Objects are still freed by reference counting as usual; only reference cycles that already exist at a
 freeze are kept until the process ends. Library use (``import specprune``) never changes the collector;
@@ -43,11 +44,20 @@ def enabled() -> bool:
 
 def settle() -> None:
     """Freeze every object alive now out of the collector's view and restore the full collections
-    :func:`enable` deferred; a no-op unless :func:`enable` ran in this process."""
+    :func:`enable` deferred: once, at the first model load (a later load, e.g. a reference model, changes
+    nothing: freezing again would also keep whatever cyclic garbage the work made in between). A no-op
+    unless :func:`enable` ran in this process."""
     global _thresholds
-    if not _enabled:
+    if not _enabled or _thresholds is None:
         return
     gc.freeze()
-    if _thresholds is not None:
-        gc.set_threshold(*_thresholds)
-        _thresholds = None
+    gc.set_threshold(*_thresholds)
+    _thresholds = None
+
+
+def finish() -> None:
+    """At the end of the command: freeze everything, so that interpreter exit does not walk it again
+    (a no-op unless :func:`enable` ran)."""
+    settle()
+    if _enabled:
+        gc.freeze()

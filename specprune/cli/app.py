@@ -67,7 +67,7 @@ def main() -> None:
             from ..distributed import shutdown
 
             shutdown()
-        heap.settle()  # exit then skips walking every object once more
+        heap.finish()  # exit then skips walking every object once more
 
 
 def _terminate_as_interrupt() -> None:

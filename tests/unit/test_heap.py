@@ -26,6 +26,7 @@ def fresh_heap(monkeypatch):
 def test_library_use_leaves_the_collector_alone(fresh_heap):
     load_model(nn.Linear(3, 2))
     heap.settle()
+    heap.finish()
     assert gc.get_threshold() == fresh_heap and gc.get_freeze_count() == 0
 
 
@@ -37,10 +38,15 @@ def test_cli_process_defers_full_collections_until_a_model_is_loaded(fresh_heap,
     gc.collect(0)  # young collections still run
     load_model(nn.Linear(3, 2))  # settles: what is alive now is frozen, the thresholds are back
     assert gc.get_freeze_count() > 0 and gc.get_threshold() == fresh_heap
+    frozen = gc.get_freeze_count()
     garbage = [[]]
     garbage[0].append(garbage)  # a cycle made after the freeze is still collected
     del garbage
-    assert gc.collect() >= 1
+    load_model(nn.Linear(3, 2))  # a second load freezes nothing more
+    assert gc.get_freeze_count() == frozen and gc.collect() >= 1
+    alive = [[] for _ in range(10)]  # noqa: F841 - made after the first freeze, alive at the end
+    heap.finish()  # the end of the command: everything alive is frozen
+    assert gc.get_freeze_count() >= frozen + 10 and gc.get_threshold() == fresh_heap
 
 
 @pytest.mark.parametrize("value", ["0", "off", "false"])
@@ -48,4 +54,5 @@ def test_turned_off_by_the_environment(fresh_heap, monkeypatch, value):
     monkeypatch.setenv("SPECPRUNE_GC_FREEZE", value)
     heap.enable()
     heap.settle()
+    heap.finish()
     assert not heap.enabled() and gc.get_threshold() == fresh_heap and gc.get_freeze_count() == 0
