@@ -321,7 +321,8 @@ def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
     return summarize_layers([(layer, group, skipped, total_energy)])[0]
 
 
-def summarize_layers(items: Sequence[tuple[TargetLayer, InputGroup, int, float | None]]) -> list[LayerAnalysis]:
+def summarize_layers(items: Sequence[tuple[TargetLayer, InputGroup, int, float | None]],
+                     ) -> list[LayerAnalysis]:
     """:func:`summarize_layer` of many ``(layer, group, skipped, total_energy)``: the mode gains one layer
     at a time, then every layer's fits together (their frontier screenings in one batch,
     :meth:`LayerSpectrum.from_eigen_many`)."""
@@ -330,8 +331,9 @@ def summarize_layers(items: Sequence[tuple[TargetLayer, InputGroup, int, float |
 
     gains = []
     for layer, group, *_ in track(items, "fits"):
-        u = torch.as_tensor(group.eigenvectors,  # in the solve's precision (float32 solves: float32 products)
-                            dtype=torch.float32 if group.solver.get("precision") == "float32" else torch.float64)
+        # in the solve's precision (float32 solves: float32 products)
+        dtype = torch.float32 if group.solver.get("precision") == "float32" else torch.float64
+        u = torch.as_tensor(group.eigenvectors, dtype=dtype)
         with _materialized(layer):
             gains.append(_mode_gains(layer.weight_matrix().detach(), u))
     specs = LayerSpectrum.from_eigen_many([

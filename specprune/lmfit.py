@@ -95,7 +95,8 @@ def lm_batch(
             better = np.isfinite(cost_c) & (cost_c < cost[idx])
             gain = np.where(better, (cost[idx] - cost_c) / np.maximum(cost[idx], 1e-300), 0.0)
             take = idx[better]
-            th[take], r[take], jac[take], cost[take] = cand[better], r_c[better], jac_c[better], cost_c[better]
+            th[take], r[take] = cand[better], r_c[better]
+            jac[take], cost[take] = jac_c[better], cost_c[better]
             mu[idx] = np.where(better, mu[idx] / 3.0, mu[idx] * 4.0)
             done = (better & (gain < ftol)) | (mu[idx] > 1e10)
             active[idx[done]] = False

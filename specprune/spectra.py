@@ -83,6 +83,7 @@ Inputs may be numpy arrays or torch tensors (converted lazily, float64); torch i
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -791,6 +792,10 @@ def estimate_frontier(eigenvalues: Any, mode_energy: Any, **options: Any) -> Fro
     """Estimate the learning frontier k* of one layer: :func:`frontier_steps` run on its own (options,
     model and detection rules there and in the module docstring)."""
     return run_steps([frontier_steps(eigenvalues, mode_energy, **options)])[0]
+
+
+estimate_frontier.__signature__ = inspect.signature(frontier_steps).replace(  # type: ignore[attr-defined]
+    return_annotation=FrontierFit)
 
 
 # -------------------------------------------------------------------------------------- spectrum

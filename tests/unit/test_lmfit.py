@@ -88,12 +88,14 @@ def test_problems_solved_in_one_batch_equal_each_solved_alone():
     for i, (m, k_true, sigma) in enumerate(((160, 30.0, 0.05), (90, 8.0, 0.1), (40, 12.0, 0.02))):
         lk = np.log(np.arange(1, m + 1, dtype=np.float64))
         true = np.array([0.5, 1.0 + 0.2 * i, np.log(k_true), np.log(2.0), -4.0])
-        y = frontier_rows(lk, np.array([True]))(true[None, :], np.arange(1))[0][0] + sigma * rng.standard_normal(m)
+        y = frontier_rows(lk, np.array([True]))(true[None, :], np.arange(1))[0][0]
+        y = y + sigma * rng.standard_normal(m)
         w = np.linspace(1.5, 0.5, m)
         starts = np.array([[0.0, 1.0, np.log(kc), np.log(1.5), -3.0] for kc in (3, 10, 60)] * 2)
         hi = HI.copy()
         hi[2] = np.log(10.0 * m)
-        probs.append(Problem("frontier", lk, y, w, starts, LO, hi, sigma, decaying=np.repeat([True, False], 3)))
+        dec = np.repeat([True, False], 3)
+        probs.append(Problem("frontier", lk, y, w, starts, LO, hi, sigma, decaying=dec))
         probs.append(Problem("null", lk, y, w, np.array([[0.0, 1.0, -6.0], [0.5, 0.5, -2.0]]),
                              np.array([-np.inf, -20.0, -20.0]), np.array([np.inf, 20.0, 5.0]), sigma))
     for max_rows in (2048, 7):

@@ -393,7 +393,8 @@ def test_many_layers_fitted_together_match_each_fitted_alone():
         spec = compute_spectrum(gram, n, w)
         items.append({"eigenvalues": spec.eigenvalues, "mode_energy": spec.mode_energy, "tokens": n,
                       "d_out": w.shape[0], "mode_gain": spec.mode_gain})
-    items.append({"eigenvalues": np.array([3.0, 2.0, 1.0]), "mode_energy": np.ones(3), "tokens": 9, "d_out": 2})
+    items.append({"eigenvalues": np.array([3.0, 2.0, 1.0]), "mode_energy": np.ones(3), "tokens": 9,
+                  "d_out": 2})
     items.append({**items[0], "frontier_options": {"floor": "constant", "n_starts": 5}})
     alone = [LayerSpectrum.from_eigen(**it) for it in items]
     together = LayerSpectrum.from_eigen_many(items)
