@@ -56,10 +56,11 @@ def main() -> None:
     from .. import heap
     from ..distributed import init_from_env
 
-    heap.enable()  # this process only: see specprune.heap
     _terminate_as_interrupt()
     _quiet_third_party()
     distributed = init_from_env()  # under torchrun: one process group, rank 0 writes
+    if not distributed:  # a torchrun rank keeps the default collector (its process group's threads)
+        heap.enable()  # this process only: see specprune.heap
     try:
         app()
     finally:
@@ -67,7 +68,6 @@ def main() -> None:
             from ..distributed import shutdown
 
             shutdown()
-        heap.finish()  # exit then skips walking every object once more
 
 
 def _terminate_as_interrupt() -> None:

@@ -26,7 +26,6 @@ def fresh_heap(monkeypatch):
 def test_library_use_leaves_the_collector_alone(fresh_heap):
     load_model(nn.Linear(3, 2))
     heap.settle()
-    heap.finish()
     assert gc.get_threshold() == fresh_heap and gc.get_freeze_count() == 0
 
 
@@ -44,9 +43,6 @@ def test_cli_process_defers_full_collections_until_a_model_is_loaded(fresh_heap,
     del garbage
     load_model(nn.Linear(3, 2))  # a second load freezes nothing more
     assert gc.get_freeze_count() == frozen and gc.collect() >= 1
-    alive = [[] for _ in range(10)]  # noqa: F841 - made after the first freeze, alive at the end
-    heap.finish()  # the end of the command: everything alive is frozen
-    assert gc.get_freeze_count() >= frozen + 10 and gc.get_threshold() == fresh_heap
 
 
 @pytest.mark.parametrize("value", ["0", "off", "false"])
@@ -54,5 +50,24 @@ def test_turned_off_by_the_environment(fresh_heap, monkeypatch, value):
     monkeypatch.setenv("SPECPRUNE_GC_FREEZE", value)
     heap.enable()
     heap.settle()
-    heap.finish()
     assert not heap.enabled() and gc.get_threshold() == fresh_heap and gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_the_entry_point_enables_it_except_in_a_torchrun_rank(fresh_heap, monkeypatch, distributed):
+    import signal
+
+    import specprune.cli.app as cli
+    import specprune.distributed as dist
+
+    monkeypatch.delenv("SPECPRUNE_GC_FREEZE", raising=False)
+    monkeypatch.setattr(dist, "init_from_env", lambda: distributed)
+    monkeypatch.setattr(dist, "shutdown", lambda: None)
+    monkeypatch.setattr(cli, "app", lambda: None)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert heap.enabled() is not distributed
+    assert (gc.get_threshold() == fresh_heap) is distributed
