@@ -187,6 +187,7 @@ def solve_problems(problems: list[Problem], *, max_iter: int = 40,
 
 
 def _solve_chunk(probs: list[Problem], kind: str, max_iter: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One :func:`lm_batch` call over the rows of ``probs`` (all of one kind), split back per problem."""
     m = max(p.y.size for p in probs)
     counts = [len(p.theta0) for p in probs]
 
