@@ -13,7 +13,9 @@ single CLI process (not a torchrun rank, whose process-group threads keep the us
   the one at exit) only look at what the work itself allocates.
 
 Objects are still freed by reference counting as usual; only reference cycles that already exist at a
-freeze are kept until the process ends. Library use (``import specprune``) never changes the collector;
+freeze are kept until the process ends. A command that loads no model (``report``, ``theory``) keeps full
+collections deferred to its end: ``specprune report`` on the demo's output peaked at 402 MB resident
+against 393 MB with the default collector, and finished 1.0–1.1 s sooner (6.0 / 7.4 s against 7.0 / 8.5 s). Library use (``import specprune``) never changes the collector;
 ``SPECPRUNE_GC_FREEZE=0`` turns this off in the CLI too.
 """
 
