@@ -768,24 +768,20 @@ def run_steps(steps: Sequence[Generator[list[Problem], Any, Any]]) -> list[Any]:
     the generators' return values, in order. One layer's screening is a few dozen small array steps whose
     cost is mostly Python's; a model's layers together pay that once."""
     results: list[Any] = [None] * len(steps)
-    pending: dict[int, list[Problem]] = {}
 
-    def advance(i: int, answer: Any) -> None:
+    def advance(i: int, answer: Any) -> list[Problem] | None:
+        """Step generator i; its next problems, or None once it has returned (its result stored)."""
         try:
-            pending[i] = steps[i].send(answer)
+            return steps[i].send(answer)
         except StopIteration as stop:
             results[i] = stop.value
+            return None
 
-    for i in range(len(steps)):
-        advance(i, None)
+    pending = {i: ps for i in range(len(steps)) if (ps := advance(i, None)) is not None}
     while pending:
-        order = list(pending)
-        flat = [p for i in order for p in pending[i]]
-        solved = iter(solve_problems(flat))
-        asked = {i: len(pending[i]) for i in order}
-        pending = {}
-        for i in order:
-            advance(i, [next(solved) for _ in range(asked[i])])
+        solved = iter(solve_problems([p for ps in pending.values() for p in ps]))
+        answers = {i: [next(solved) for _ in ps] for i, ps in pending.items()}
+        pending = {i: ps for i, ans in answers.items() if (ps := advance(i, ans)) is not None}
     return results
 
 
