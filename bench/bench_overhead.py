@@ -284,8 +284,8 @@ PHASES = [  # (label, function names whose cumulative time counts; first found w
     ("hooked pass (run_probe)", ["run_probe"]),
     ("  of which Gram updates (hook work)", ["update"]),
     ("eigensolves", ["_eigh", "_topk"]),
-    ("fits (summarize_layers)", ["summarize_layers", "summarize_layer"]),
-    ("  of which spectra fits (all layers, one batch)", ["run_steps", "estimate_frontier"]),
+    ("fits (summarize_layers)", ["summarize_layers"]),
+    ("  of which spectra fits (all layers, one batch)", ["run_steps"]),
     ("memory plan (incl. trial forward)", ["_plan_memory"]),
 ]
 

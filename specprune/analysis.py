@@ -314,18 +314,12 @@ def _mode_gains(w: torch.Tensor, u: torch.Tensor, chunk_bytes: int = 64 << 20) -
     return gain.numpy(), w_sq
 
 
-def summarize_layer(layer: TargetLayer, group: InputGroup, skipped: int = 0,
-                    total_energy: float | None = None) -> LayerAnalysis:
-    """Spectrum, fits and frontier of one layer from its input group's eigenpairs (a truncated group:
-    see the module docstring; ``total_energy`` = tr(W Σ Wᵀ), else the lumped covariance model's)."""
-    return summarize_layers([(layer, group, skipped, total_energy)])[0]
-
-
 def summarize_layers(items: Sequence[tuple[TargetLayer, InputGroup, int, float | None]],
                      ) -> list[LayerAnalysis]:
-    """:func:`summarize_layer` of many ``(layer, group, skipped, total_energy)``: the mode gains one layer
-    at a time, then every layer's fits together (their frontier screenings in one batch,
-    :meth:`LayerSpectrum.from_eigen_many`)."""
+    """Spectrum, fits and frontier of each ``(layer, group, skipped, total_energy)`` from its input group's
+    eigenpairs (a truncated group: see the module docstring; ``total_energy`` = tr(W Σ Wᵀ), else the
+    lumped covariance model's): the mode gains one layer at a time, then every layer's fits together
+    (their frontier screenings in one batch, :meth:`LayerSpectrum.from_eigen_many`)."""
     from .progress import track
     from .spectra import LayerSpectrum
 

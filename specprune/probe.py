@@ -11,9 +11,8 @@ batches are summed into a float64 accumulator, so rounding does not grow with th
 batches (on the CPU only the upper strips of the batch Gram are computed, into a buffer kept for
 the whole pass, and the sum is mirrored once at the end). Placement: each accumulator computes on
 its layer's device (the device of the layer's weights; a model dispatched over several GPUs keeps
-each accumulator beside its layer); with
-``offload`` the float64 sum lives in CPU memory instead and only the float32 batch Gram is made
-on the device. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
+each accumulator beside its layer); with ``offload`` the float64 sum lives in CPU memory instead and
+only the float32 batch Gram is made on the device. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
 the sharing is found on the first batch through tensor identity (weak references, so a
 freed tensor whose memory is reused cannot be mistaken for a shared one).
 
