@@ -35,7 +35,6 @@ import cProfile
 import gc
 import json
 import os
-import platform
 import pstats
 import statistics
 import subprocess
@@ -44,35 +43,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, Path(__file__).resolve().parent):  # specprune, and bench/_common.py
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from _common import machine, table
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 QUICK_INCLUDE = [r"re:.*\.layers?\.0\..*"]  # the first transformer block (MiniLM: layer.0, Llama: layers.0)
-
-
-# ----------------------------------------------------------------------------------- machine & helpers
-def machine() -> dict:
-    """nproc, CPU model, memory, load average, date, versions."""
-    import torch
-
-    info = {"nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                info["mem_gib"] = round(int(line.split()[1]) / 2 ** 20, 1)
-                break
-        info["loadavg"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return info
 
 
 def proc_status(*keys: str) -> dict[str, int]:
@@ -98,12 +77,6 @@ def reset_peak() -> bool:
 
 def mib(n: float) -> float:
     return round(n / 2 ** 20, 1)
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 LLAMA_SHAPED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
