@@ -55,6 +55,7 @@ from .evaluation import Evaluator
 from .layers import TargetLayer
 from .prefix import PrefixReplay
 from .progress import track
+from .solve import thin_svd
 
 PROBE_BITS = (5, 2)
 MIN_SENSITIVITY = 1e-12
@@ -191,7 +192,7 @@ class LayerGeometry:
     def _svd(self) -> tuple[torch.Tensor, np.ndarray]:
         """Left singular vectors P and singular values s of W Σ^½ = W U Λ^½ (computed once)."""
         if self._sv is None:
-            p, sv, _ = torch.linalg.svd(self._wm.double(), full_matrices=False)
+            p, sv, _ = thin_svd(self._wm.double())
             self._p = p.to(torch.float32)
             self._sv = sv.numpy()
         return self._p, self._sv

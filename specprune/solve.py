@@ -13,6 +13,11 @@ batch products, so its smallest eigenvalues already carry float32 rounding; eige
 float32 either way. Measured on all-MiniLM-L6-v2's 37 layers (docs/benchmarks.md): the same k* on every
 layer, |Δb| ≤ 3.3e-6 and |Δa| ≤ 8.6e-5 against float64 solves. A rank-deficient sample (tokens < 2d) keeps
 float64: there the float32 round-off would stand in for the exactly-zero eigenvalues the fits leave out.
+
+Thin SVDs (:func:`thin_svd`, :func:`singular_values`; the whitened low-rank factors of W Σ^½) run on the
+tall orientation: LAPACK's divide-and-conquer SVD of a wide d_out × d_in matrix took 1.9–3.1× (vectors)
+and 3.5–5× (values only) the time of the same SVD of its transpose (one thread, d_out = 384…1024,
+d_in = 1536…3072, float32 and float64; the singular values agree to 2e-15 relative in float64).
 """
 
 from __future__ import annotations
@@ -97,3 +102,17 @@ def error_bound(d: int, top: float, precision: str) -> float:
     """The backward-stable eigenvalue error bound d · ε · λ₁ of a solve in ``precision``."""
     eps = float(np.finfo(np.float32 if precision == "float32" else np.float64).eps)
     return float(d * eps * max(top, 0.0))
+
+
+def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of ``m``'s thin SVD, m = U diag(S) Vh, computed on whichever of m and mᵀ is tall
+    (module docstring): for a wide m, svd(mᵀ) = V S Uᵀ is solved and transposed back."""
+    if m.shape[-2] < m.shape[-1]:
+        u, s, vh = torch.linalg.svd(m.mT, full_matrices=False)
+        return vh.mT, s, u.mT
+    return torch.linalg.svd(m, full_matrices=False)
+
+
+def singular_values(m: torch.Tensor) -> torch.Tensor:
+    """``m``'s singular values (descending), computed on its tall orientation."""
+    return torch.linalg.svdvals(m.mT if m.shape[-2] < m.shape[-1] else m)

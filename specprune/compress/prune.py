@@ -51,6 +51,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ..errors import InputError
+from ..solve import singular_values, thin_svd
 
 EIG_REL_FLOOR = 1e-10
 
@@ -143,7 +144,7 @@ def whitened_singular_values(w: torch.Tensor, eigenvalues: Any, eigenvectors: An
                              dtype: torch.dtype | None = None) -> torch.Tensor:
     """Singular values s_1 ≥ s_2 ≥ … of W Σ^½ (length min(d_out, d_in)); whitened cost(k) = Σ_{i>k} s_i²."""
     dt = _work_dtype(w, dtype)
-    return torch.linalg.svdvals(_whitened_svd(w, eigenvalues, eigenvectors, dt))
+    return singular_values(_whitened_svd(w, eigenvalues, eigenvectors, dt))
 
 
 def whitened_factors(w: torch.Tensor, eigenvalues: Any, eigenvectors: Any, k: int, *,
@@ -152,7 +153,7 @@ def whitened_factors(w: torch.Tensor, eigenvalues: Any, eigenvectors: Any, k: in
     (see the module docstring for why this equals P_k S_k Q_kᵀ Σ^{−½} where it matters)."""
     dt = _work_dtype(w, dtype)
     m = _whitened_svd(w, eigenvalues, eigenvectors, dt)
-    p, _, _ = torch.linalg.svd(m, full_matrices=False)
+    p, _, _ = thin_svd(m)
     k = max(1, min(int(k), p.shape[1]))
     pk = p[:, :k].contiguous()
     return pk, pk.T @ w.detach().to(dt)
@@ -161,7 +162,7 @@ def whitened_factors(w: torch.Tensor, eigenvalues: Any, eigenvectors: Any, k: in
 def svd_factors(w: torch.Tensor, k: int, *, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ = I fallback: A = U_k S_k, B = V_kᵀ from the plain SVD of W (both methods agree here)."""
     dt = _work_dtype(w, dtype)
-    u, s, vh = torch.linalg.svd(w.detach().to(dt), full_matrices=False)
+    u, s, vh = thin_svd(w.detach().to(dt))
     k = max(1, min(int(k), s.numel()))
     return u[:, :k] * s[:k], vh[:k].contiguous()
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from specprune.analysis import Analysis, analyze
 from specprune.errors import InputError
-from specprune.solve import _eigh, error_bound, solve_precision
+from specprune.solve import _eigh, error_bound, singular_values, solve_precision, thin_svd
 
 
 def test_precision_rule():
@@ -75,3 +75,21 @@ def test_analyze_records_float32_solves_and_matches_float64(tmp_path):
     assert back.groups["down"].solver == g.solver and not back.truncated
     with pytest.raises(InputError, match="precision must be one of"):
         analyze(model, batches, precision="bf16")
+
+
+@pytest.mark.parametrize("shape", [(7, 19), (19, 7), (11, 11), (1, 5), (5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_thin_svd_either_orientation_is_the_thin_svd(shape, dtype):
+    """Wide matrices are solved through their transpose; the result is still m's thin SVD."""
+    g = torch.Generator().manual_seed(sum(shape))
+    m = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    u, s, vh = thin_svd(m)
+    r = min(shape)
+    assert u.shape == (shape[0], r) and s.shape == (r,) and vh.shape == (r, shape[1])
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(u @ torch.diag(s) @ vh, m, atol=tol)
+    assert torch.allclose(u.T @ u, torch.eye(r, dtype=dtype), atol=tol)
+    assert torch.allclose(vh @ vh.T, torch.eye(r, dtype=dtype), atol=tol)
+    ref = torch.linalg.svdvals(m.double())
+    assert torch.allclose(s.double(), ref, atol=tol) and bool((s[:-1] >= s[1:]).all())
+    assert torch.allclose(singular_values(m).double(), ref, atol=tol)
