@@ -460,6 +460,16 @@ def _plan_memory(model, layers, batches, device: torch.device, dispatched: bool,
                          "devices": [e.to_dict() for e in ests]}
 
 
+def _fingerprint(model: nn.Module) -> str | None:
+    """The weights' fingerprint (``recommend ANALYSIS_DIR`` checks it against the source it loads), or None
+    for a model with weights offloaded to the meta device (nothing to hash in this process)."""
+    from .models import fingerprint
+
+    if any(t.device.type == "meta" for t in model.state_dict().values()):
+        return None
+    return fingerprint(model)
+
+
 def _all_reduce_gram(gram: torch.Tensor) -> None:
     """Sum a Gram over ranks in place; an offloaded (CPU) Gram under NCCL travels through the GPU in
     row blocks of ≤ 256 MiB."""
@@ -590,5 +600,5 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
         model.train(was_training)
     calib = batches.describe()
     info = {"source": source or type(model).__name__, "num_parameters": num_parameters(model),
-            "architecture": type(model).__name__}
+            "architecture": type(model).__name__, "fingerprint": _fingerprint(model)}
     return Analysis(info, calib, out_layers, groups, seconds=time.perf_counter() - t0, memory=memory)

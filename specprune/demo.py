@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,10 +83,11 @@ class DemoSettings:
 
 
 @contextlib.contextmanager
-def demo_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def demo_directory(out: str | Path, overwrite: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Create ``out`` fresh (an existing one only with ``overwrite``: moved aside, and put back if the
-    demo fails); an ``INCOMPLETE`` marker stays until the block succeeds; on failure ``out`` is removed."""
-    target = check_output_path(out, (), overwrite)
+    demo fails); an ``INCOMPLETE`` marker stays until the block succeeds; on failure ``out`` is removed.
+    An ``out`` that is, lies inside or contains one of ``inputs`` is refused, ``overwrite`` or not."""
+    target = check_output_path(out, inputs, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     aside = None
     if target.exists():
@@ -116,6 +117,14 @@ def _words_for_windows(tokenizer, text: str, windows: int, seq_len: int) -> int:
     ids = tokenizer(sample.split("\n\n"), add_special_tokens=False, return_attention_mask=False)["input_ids"]
     per_word = max(0.2, sum(len(x) for x in ids) / n_words)
     return math.ceil(windows * seq_len / per_word * 1.1)
+
+
+def demo_inputs(settings: DemoSettings) -> list[Path]:
+    """What the demo reads and must never overwrite: the installed MiniLM directory when it will use it."""
+    from .toy import minilm_dir
+
+    d = minilm_dir() if settings.model in ("auto", "minilm") else None
+    return [d] if d is not None else []
 
 
 def _choose_model(out: Path, settings: DemoSettings, log: Callable[[str], None]) -> tuple[str, str]:
@@ -244,7 +253,7 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None, overwrite
 
     s = settings or DemoSettings()
     t0 = time.perf_counter()
-    with demo_directory(out, overwrite) as root:
+    with demo_directory(out, overwrite, demo_inputs(s)) as root:
         source, label = _choose_model(root, s, log)
         loaded = load_model(source)
         text = generate_text()
@@ -259,7 +268,8 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None, overwrite
         log(f"compress: analyze → recommend (tolerance {s.tolerance:g}) → apply → evaluate → save")
         try:
             result = compress(loaded, spec, s.tolerance, compressed, prune_method=s.prune_method,
-                              group_sizes=s.group_sizes, inputs=[source, str(data)], log=log)
+                              group_sizes=s.group_sizes, inputs=[source, str(data)], log=log,
+                              report=False)  # the demo's own report covers it, sweep included
         except ToleranceExceeded as err:
             result = err.result
             log("the measured delta exceeds the tolerance beyond its uncertainty (kept and shown in the report)")

@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,22 +59,23 @@ def is_causal_lm(model: nn.Module) -> bool:
         a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs if a == name)
 
 
-def import_callable(spec: str):
-    """Import ``module:callable`` named explicitly by the user (``--arch``)."""
-    if ":" not in spec:
-        raise InputError(f"--arch must be 'module:callable', got {spec!r}")
-    mod_name, _, attr = spec.partition(":")
+def import_callable(spec: str, option: str = "--arch"):
+    """Import ``module:callable`` named explicitly by the user (``option``: the flag that named it, for
+    the messages — ``--arch``, ``--metric``)."""
+    mod_name, _, attr = str(spec).partition(":")
+    if not mod_name.strip() or not attr.strip():
+        raise InputError(f"{option} must be 'module:callable', got {spec!r}")
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as err:
-        raise InputError(f"cannot import {mod_name!r} for --arch: {err}") from None
+    except (ImportError, ValueError) as err:
+        raise InputError(f"cannot import {mod_name!r} for {option}: {err}") from None
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise InputError(f"{mod_name!r} has no attribute {attr!r} (from --arch {spec})")
+            raise InputError(f"{mod_name!r} has no attribute {attr!r} (from {option} {spec})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise InputError(f"--arch {spec} is not callable")
+        raise InputError(f"{option} {spec} is not callable")
     return obj
 
 
@@ -185,7 +187,7 @@ def _load_hf(path: Path, trust_remote_code: bool, dtype=None, device_map: str | 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = cls.from_pretrained(str(path), **kwargs)
+            model, loading = cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except pickle.UnpicklingError as err:
         raise RefusedError(f"refusing to load the weights in {path}: a pickle that needs arbitrary code "
                            f"to load (torch.load weights_only=True rejected it: {unpickling_reason(err)}); "
@@ -196,6 +198,10 @@ def _load_hf(path: Path, trust_remote_code: bool, dtype=None, device_map: str | 
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"cannot load the model in {path}: {msg}") from None
+    missing = sorted((loading or {}).get("missing_keys") or [])
+    if missing:
+        raise InputError(f"{path}: {len(missing)} weight(s) of {type(model).__name__} are missing from the checkpoint "
+                         f"(e.g. {missing[0]}) and would be random; refusing a partly random model")
     tok = load_tokenizer(path, trust_remote_code)
     model.eval()
     return LoadedModel(model, str(path), "hf", tokenizer=tok, hf_dir=path,
@@ -258,6 +264,7 @@ def _load_model(source, arch: str | None, trust_remote_code: bool, dtype: torch.
     if not path.exists():
         raise InputError(f"model not found: {source}")
     check_readable(path, "model")
+    path = Path(os.path.abspath(path))  # recorded as the source: found again from any directory
     if path.is_dir():
         if (path / "specprune.json").exists():
             from .compress.saved import load_saved
@@ -314,12 +321,12 @@ def fingerprint(model: nn.Module) -> str:
 
 def resolve_device(spec: str | None) -> torch.device:
     """``auto`` → cuda when available, else cpu; ``cuda:i`` is checked to exist."""
-    spec = (spec or "auto").strip().lower()
+    spec = "auto" if spec is None else spec.strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
-    if spec.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", spec):
         if not torch.cuda.is_available():
             raise InputError(f"--device {spec}: CUDA is not available on this machine")
         dev = torch.device(spec)

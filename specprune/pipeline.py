@@ -15,7 +15,7 @@ from .analysis import Analysis, analyze
 from .data import Batches, load_data
 from .errors import InputError, ToleranceExceeded
 from .evaluation import Evaluation, Evaluator
-from .models import LoadedModel, load_model
+from .models import LoadedModel, fingerprint, load_model
 from .plan import Plan
 
 
@@ -57,28 +57,34 @@ def analysis_or_model(target: str, arch, trust, include, exclude, device, spec: 
         if not src or not Path(src).exists():
             raise InputError(f"the analysis in {target} names source model {src!r}, which is not found")
         loaded = load_model(src, arch=arch, trust_remote_code=trust)
+        made_for = analysis.model.get("fingerprint")
+        if made_for and made_for != fingerprint(loaded.model):
+            raise InputError(f"the analysis in {target} was made for other weights than those now at {src} "
+                             "(fingerprints differ); re-run specprune analyze on the model")
         return analysis, loaded
     loaded = load_model(target, arch=arch, trust_remote_code=trust)
     calib = spec.calibration(loaded.tokenizer)
     log(f"analysing {target}: {calib.samples} windows, {calib.tokens} tokens")
-    analysis = analyze(loaded.model, calib, include=include, exclude=exclude, device=device, source=target)
+    analysis = analyze(loaded.model, calib, include=include, exclude=exclude, device=device, source=loaded.source)
     return analysis, loaded
 
 
 def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | Path, *,
              include=None, exclude=None, device=None, metric="auto", methods=("prune", "quantize"),
              bits_choices=(2, 3, 4, 5, 6, 8), group_sizes=(None, 128), prune_method="whitened",
-             overwrite=False, export_dense=False, inputs=(), log=lambda m: None, warn=None) -> dict:
+             overwrite=False, export_dense=False, inputs=(), log=lambda m: None, warn=None,
+             report=True) -> dict:
     """analyze → recommend → apply → evaluate → save, into ``out`` (atomically). Returns the
     contract's compress JSON; raises :class:`ToleranceExceeded` (exit 3) after saving when the
     measured delta exceeds the tolerance by more than the stated uncertainty. ``warn`` receives the
     recommender's warning when no allocation met the target on the calibration windows (``log`` when
-    not given)."""
+    not given). ``report``: also write the figures and the report of all of it into ``OUT/report``."""
     warn = warn or log
     from .compress.apply import apply_
     from .compress.saved import save_compressed
     from .io import check_output_path, dumps, output_dir
     from .recommender import recommend
+    from .report.document import HTML_FILE
 
     t0 = time.perf_counter()
     check_output_path(out, inputs, overwrite)
@@ -105,6 +111,8 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
         ev.plan = str(Path(out) / "plan.json")
         ev.output = str(Path(out))
         ev.seconds = time.perf_counter() - t0
+        if report:
+            ev.extra["report"] = str(Path(out) / "report" / HTML_FILE)
         ev.extra.update({"tolerance": tolerance, "within_tolerance": bool(within),
                          "predicted_delta_uncertainty": plan.predicted_delta_uncertainty,
                          "eval_windows": evalb.samples, "calibration_windows": calib.samples})
@@ -113,6 +121,9 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
             (tmp / "TOLERANCE_EXCEEDED").write_text(
                 f"measured delta {ev.measured_delta:.6g} > tolerance {tolerance:g} + uncertainty "
                 f"{plan.predicted_delta_uncertainty:.3g}\n", encoding="utf-8")
+        if report:
+            log("report")
+            _report_into(tmp, tmp / "report", Path(out).absolute())
     result = ev.to_dict()
     if not within:
         err = ToleranceExceeded(
@@ -122,3 +133,22 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
         err.result = result
         raise err
     return result
+
+
+def _report_into(source: Path, out: Path, final: Path) -> None:
+    """The report of everything in ``source`` (analysis, plan, evaluation) written into ``out``, a new
+    directory inside it: part of the same atomic output, so no separate output guard is needed. ``source``
+    is the output's temporary directory; the report names its inputs where they will be, under ``final``."""
+    import warnings
+
+    from .report.document import build_report, collect
+
+    inputs = collect([source])
+    for kind in ("analysis", "series", "plan", "evaluation", "sweep"):
+        path = getattr(inputs, kind + "_path")
+        if path is not None and Path(path).is_relative_to(source):
+            setattr(inputs, kind + "_path", final / Path(path).relative_to(source))
+    out.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib layout/glyph warnings are not the user's
+        build_report(inputs, out)

@@ -123,7 +123,8 @@ class Plan:
         if not isinstance(doc.get("model") or {}, dict) or not isinstance(doc.get("size") or {}, dict):
             raise InputError(f"{where}: 'model' and 'size' must be objects")
         return cls(model=dict(doc.get("model") or {}), tolerance=numbers["tolerance"],
-                   metric=str(doc.get("metric", "auto")),
+                   # a plan without a prediction of its own (hand-written) predicts nothing: metric "none"
+                   metric=str(doc.get("metric", "auto" if "predicted_delta" in doc else "none")),
                    layers=layers, calibrated=bool(doc.get("calibrated", False)),
                    predicted_delta=numbers["predicted_delta"],
                    predicted_delta_uncertainty=numbers["predicted_delta_uncertainty"],
@@ -141,6 +142,12 @@ class Plan:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(f"{path} is not readable JSON: {err}") from None
         return cls.from_dict(doc, str(path))
+
+    @property
+    def prediction(self) -> float | None:
+        """The predicted delta, or None for a plan that made no prediction (metric "none": the ``--rate`` /
+        ``--bits`` shortcuts and hand-written plans)."""
+        return None if self.metric == "none" else self.predicted_delta
 
     @classmethod
     def uniform(cls, layer_names, *, rate: float | None = None, bits: int | None = None,

@@ -97,6 +97,7 @@ def _dtype_bits(layer: TargetLayer) -> int:
 def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarray | None,
                   k_star: int | None, *, quantize: bool, prune_method: str | None,
                   bits_choices, group_sizes) -> list[Option]:
+    from .compress.prune import can_factorize
     from .compress.quantize import quantization_error
 
     d_in, d_out = geom.d_in, geom.d_out
@@ -111,7 +112,7 @@ def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarr
                 dq = geom.distortion(quantization_error(geom.w, b, g))
                 sb, _ = weight_bits(d_in, d_out, None, b, g, db)
                 opts.append(Option(None, None, b, g, sb, dq, 0.0, full_params, 0.0))
-    if prune_method is not None:
+    if prune_method is not None and can_factorize(layer.module):  # else a rank would save nothing
         kb = break_even_rank(d_in, d_out)
         ranks = sorted({max(1, int(f * kb)) for f in RANK_FRACTIONS})
         if k_star is not None:
@@ -441,15 +442,19 @@ class Recommender:
         plan_layers = _to_plan_layers(choice, sens, pred, weights)
         model_prediction = pred
         uncertainty = self.uncertainty(pred)
-        if measured is not None:
+        se = stderr if stderr is not None and math.isfinite(stderr) else 0.0
+        if measured is not None and measured > 2.0 * se and measured > 0 and pred > 0:
             # the verified plan: its measurement on calibration windows is the calibrated prediction,
             # uncertain by its sampling error (2 standard errors) and at least 15%
-            scale = measured / pred if pred > 0 else 0.0
             for lp in plan_layers.values():
-                lp.predicted_delta = float(lp.predicted_delta * scale) if pred > 0 else 0.0
-            pred = float(max(measured, 0.0))
-            se = stderr if stderr is not None and math.isfinite(stderr) else 0.0
+                lp.predicted_delta = float(lp.predicted_delta * measured / pred)
+            pred = float(measured)
             uncertainty = float(max(2.0 * se, 0.15 * pred))
+        elif measured is not None:
+            # a measurement that does not stand out of zero (few or noisy windows; a loss that fell) says
+            # nothing about the size of the delta: the maps' prediction stands, no more certain than the
+            # gap to that measurement or its sampling error
+            uncertainty = float(max(uncertainty, 2.0 * se, abs(pred - measured)))
         analysis = self.analysis
         plan = Plan(model={"source": self.source or analysis.model.get("source", ""),
                            "fingerprint": fingerprint(self.model)},

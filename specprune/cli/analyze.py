@@ -113,7 +113,7 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
         batches = load_data(data, loaded.tokenizer, samples=samples, seq_len=seq_len, batch_size=batch_size,
                             seed=seed)
         ctx.info(f"analysing {m}: {batches.samples} windows, {batches.tokens} tokens")
-        res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=str(m),
+        res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=loaded.source,
                       log=ctx.info, **scale)
         results.append((m, res))
     docs = [r.to_dict() for _, r in results]

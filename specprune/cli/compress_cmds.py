@@ -137,10 +137,19 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
 def _uniform_builder(include, exclude, **kw):
     def build(loaded):
         from ..layers import select_layers
+        from ..compress.apply import is_low_rank
+        from ..errors import InputError
         from ..plan import Plan
 
-        names = [lay.name for lay in select_layers(loaded.model, include, exclude)]
-        return Plan.uniform(names, source=loaded.source, **kw)
+        layers = select_layers(loaded.model, include, exclude)
+        if kw.get("rate") and is_low_rank(kw.get("method", "spectral")):
+            # the factors of an earlier low-rank pruning keep their rank: truncating one again saves nothing
+            kept = [lay for lay in layers if not getattr(lay.module, "specprune_factor", False)]
+            if layers and not kept:
+                raise InputError(f"nothing to prune at low rank: all {len(layers)} targeted layers are factors "
+                                 "of an earlier low-rank pruning (prune the original model, or quantize)")
+            layers = kept
+        return Plan.uniform([lay.name for lay in layers], source=loaded.source, **kw)
 
     return build
 
@@ -244,6 +253,8 @@ def render_compress(doc: dict) -> None:
         c.print(f"size: {s['bits_before'] / 8e6:.2f} MB → {s['bits_after'] / 8e6:.2f} MB "
                 f"({s['bits_after'] / max(s['bits_before'], 1):.1%})")
     c.print(f"wrote {doc['output']}")
+    if doc.get("report"):
+        c.print(f"report: {doc['report']}")
 
 
 def compress_cmd(

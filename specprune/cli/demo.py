@@ -81,7 +81,7 @@ def demo_cmd(
 ) -> None:
     """Run analyze → recommend → apply → evaluate on an embedded default model with generated text,
     measure a few uniform settings against their predictions, and write the report."""
-    from ..demo import DemoSettings, default_out, run_demo
+    from ..demo import DemoSettings, default_out, demo_inputs, run_demo
     from ..errors import InputError
 
     ctx = Ctx(fmt, quiet)
@@ -93,7 +93,7 @@ def demo_cmd(
 
     settings = DemoSettings.make(tolerance, fast, samples, model)
     target = out if out is not None else default_out()
-    check_output_path(target, (), overwrite)
+    check_output_path(target, demo_inputs(settings), overwrite)
     ctx.info(f"specprune demo → {target}")
     doc = run_demo(target, settings=settings, overwrite=overwrite, log=ctx.info)
     if quiet and not ctx.json:

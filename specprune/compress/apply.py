@@ -146,10 +146,7 @@ def plan_size(model: nn.Module, plan: Plan) -> dict:
     modules = dict(model.named_modules())
     seen: set[int] = set()
     params_before = bits_before = 0
-    users: dict[int, int] = {}
-    for mod in model.modules():
-        for p in mod.parameters(recurse=False):
-            users[p.data_ptr()] = users.get(p.data_ptr(), 0) + 1
+    users = {ptr: len(names) for ptr, names in _weight_users(model).items()}
     for p in model.parameters():
         if p.data_ptr() in seen:
             continue
@@ -188,6 +185,15 @@ def plan_size(model: nn.Module, plan: Plan) -> dict:
         bits_after += b_new
     return {"params_before": int(params_before), "params_after": int(params_after),
             "bits_before": int(bits_before), "bits_after": int(bits_after)}
+
+
+def _weight_users(model: nn.Module) -> dict[int, list[str]]:
+    """Storage pointer of every parameter → the names of the modules holding it (tied weights: several)."""
+    users: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            users.setdefault(p.data_ptr(), []).append(name)
+    return users
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +397,14 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
     for lp in active.values():
         if lp.method is not None and lp.method not in methods:
             methods[lp.method] = get_compressor(lp.method)
+
+    holders = _weight_users(model)
+    for name, lp in active.items():
+        comp = methods.get(lp.method) if lp.method else None
+        shared = [n for n in holders.get(targets[name].module.weight.data_ptr(), []) if n != name]
+        if comp is not None and getattr(comp, "low_rank", False) and shared:
+            raise InputError(f"plan layer {name}: its weight is shared with {shared[0]} (tied); factorizing it "
+                             "would untie them and add parameters — leave it out of the plan (--exclude)")
 
     original_layers = {n: replace(lp) for n, lp in plan.layers.items()}
     original_size, original_details = dict(plan.size), dict(plan.details)

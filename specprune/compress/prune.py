@@ -196,6 +196,8 @@ class Factorized(nn.Module):
         super().__init__()
         self.first = first
         self.second = second
+        for factor in (first, second):  # a factor is not factorized again (see can_factorize)
+            factor.specprune_factor = True
         self.in_features = d_in
         self.out_features = d_out
         self.rank = rank
@@ -299,7 +301,11 @@ class FactorizedConv(Factorized):
 
 
 def can_factorize(module: nn.Module) -> bool:
-    """Linear, HF Conv1D, and Conv1d/2d with groups = 1 can be split into two layers."""
+    """Linear, HF Conv1D, and Conv1d/2d with groups = 1 can be split into two layers — except a factor
+    of an earlier factorization (``first`` / ``second`` of a :class:`Factorized`): splitting it again
+    would nest factorizations; a lower rank for such a layer is written into the factor itself."""
+    if getattr(module, "specprune_factor", False):
+        return False
     if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return True
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1

@@ -394,6 +394,18 @@ def test_report_of_compress_dir(compressed, tmp_path):
         assert lay["name"] in html
 
 
+def test_compress_writes_its_own_report(compressed):
+    """compress: "all of the above + report" — figures and the report inside the same atomic output, naming
+    its inputs where they ended up (not the temporary directory they were written in)."""
+    out = compressed["compressed"]
+    html, md = _check_report(out / "report")
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["report"] == str(out / "report" / "report.html")
+    assert f"{ev['measured_delta']:.4g}" in html and ".tmp-" not in html + md
+    assert str(out / "plan.json") in md
+    assert {p.name for p in (out / "report").glob("*.png")} >= {"spectra.png", "layer_map.png"}
+
+
 def test_report_refuses_unsafe_outputs(compressed, tmp_path):
     from specprune.errors import RefusedError
     from specprune.report.document import write_report

@@ -1,0 +1,40 @@
+"""A plan's prediction is never a silent 0 ± 0: when the verification measurement does not stand out of
+zero, the maps' prediction stands with an honest uncertainty, and the per-layer shares (never negative)
+add up to it. Plans that predict nothing say so (``Plan.prediction`` is None)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from specprune.cli.app import app
+from specprune.plan import Plan
+
+FAST = ["--samples", "8", "--seq-len", "32", "--batch-size", "4"]
+
+
+def test_noise_level_tolerance_keeps_a_real_prediction(tmp_path, tiny_dirs, text_file):
+    """tiny random GPT-2, lm-loss on 8 windows: quantization moves the loss by less than its noise, so the
+    verification measures ≤ 0; before, the plan then claimed 0 ± 0 with negative per-layer shares."""
+    res = CliRunner().invoke(app, ["compress", str(tiny_dirs["gpt2"]), "--data", str(text_file), "--tolerance",
+                                   "1e-9", "--out", str(tmp_path / "c"), *FAST, "--quiet"])
+    assert res.exit_code in (0, 3), res.stderr
+    plan = json.loads((tmp_path / "c" / "plan.json").read_text())
+    shares = [lp["predicted_delta"] for lp in plan["layers"].values()]
+    assert plan["metric"] == "lm-loss"
+    assert plan["predicted_delta"] > 0 and plan["predicted_delta_uncertainty"] > 0
+    assert all(s >= 0 for s in shares)
+    assert sum(shares) == pytest.approx(plan["predicted_delta"], rel=1e-9)
+    verified = plan["details"]["verification"]
+    if verified and verified[-1]["measured_on_calibration"] <= 0:
+        assert plan["predicted_delta_uncertainty"] >= plan["predicted_delta"] - \
+            verified[-1]["measured_on_calibration"] - 1e-12
+
+
+def test_plans_without_a_prediction_say_so():
+    assert Plan.uniform(["a"], rate=0.5).prediction is None
+    assert Plan.from_dict({"format": 1, "layers": {"a": {"bits": 4}}}).prediction is None
+    made = Plan.from_dict({"format": 1, "metric": "output-mse", "predicted_delta": 0.01, "layers": {}})
+    assert made.prediction == 0.01
