@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -85,6 +86,10 @@ def _collect_files(paths: Sequence[str | os.PathLike], suffixes) -> list[Path]:
         if path.is_dir():
             found = sorted(f for f in _walk(path) if f.suffix in suffixes)
             if not found:
+                other = TEXT_SUFFIXES if suffixes == TENSOR_SUFFIXES else TENSOR_SUFFIXES
+                if suffixes in (TEXT_SUFFIXES, TENSOR_SUFFIXES) and len(paths) > 1 \
+                        and any(f.suffix in other for f in _walk(path)):
+                    raise InputError(_mixed_message(next(q for q in paths if Path(q) != path), p))
                 raise InputError(f"data directory {p} holds no {'/'.join(suffixes)} files")
             files.extend(found)
         elif path.suffix in suffixes:
@@ -103,8 +108,36 @@ def is_text_data(paths: Sequence[str | os.PathLike]) -> bool:
     return True
 
 
-def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Documents from .txt files (one per file) and .jsonl lines (the ``text`` field)."""
+def _mixed_message(a, b) -> str:
+    return (f"text and tensor data cannot be mixed ({a}, {b}): give either text files (.txt/.jsonl) or "
+            "tensor files (.pt/.safetensors/.npy), not both")
+
+
+def check_not_mixed(paths: Sequence[str | os.PathLike]) -> None:
+    """Text files and tensor files named together are refused with one clear line (a text model
+    cannot use tensors, and tensors carry no text)."""
+    text = [p for p in paths if Path(p).suffix in TEXT_SUFFIXES and Path(p).is_file()]
+    tensors = [p for p in paths if Path(p).suffix in TENSOR_SUFFIXES and Path(p).is_file()]
+    if text and tensors:
+        raise InputError(_mixed_message(text[0], tensors[0]))
+
+
+MAX_SEED = 2 ** 64 - 1
+
+
+def check_seed(seed) -> None:
+    """``--seed``: an integer in 0..2**64 - 1 (what numpy and torch generators accept)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"--seed must be an integer, got {seed!r}")
+    if seed < 0:
+        raise InputError(f"--seed must be ≥ 0, got {seed}")
+    if seed > MAX_SEED:
+        raise InputError(f"--seed must be below 2**64, got {seed}")
+
+
+def read_texts(paths: Sequence[str | os.PathLike], what: str = "calibration text") -> list[str]:
+    """Documents from .txt files (one per file) and .jsonl lines (the ``text`` field). ``what`` names
+    the data in the error for empty text ("calibration text", "evaluation text (--eval-data)")."""
     docs: list[str] = []
     for f in _collect_files(paths, TEXT_SUFFIXES):
         try:
@@ -127,7 +160,7 @@ def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
         else:
             docs.append(raw)
     if not any(d.strip() for d in docs):
-        raise InputError("the calibration text is empty")
+        raise InputError(f"the {what} is empty")
     return docs
 
 
@@ -238,12 +271,16 @@ def load_data(paths: Sequence[str | os.PathLike], tokenizer=None, *, samples: in
         raise InputError(f"--samples must be positive, got {samples}")
     if seq_len <= 0:
         raise InputError(f"--seq-len must be positive, got {seq_len}")
+    check_seed(seed)
     if not paths:
         raise InputError("no data given (--data)")
     names = [str(p) for p in paths]
+    check_not_mixed(paths)
+    evaluation_only = split == "all"  # --eval-data
     if is_text_data(paths):
-        windows = text_windows(tokenizer, read_texts(paths), seq_len)
-        return _select(windows, {}, "input_ids", samples, batch_size, seed, split, seq_len, names)
+        what = "evaluation text (--eval-data)" if evaluation_only else "calibration text"
+        windows = text_windows(tokenizer, read_texts(paths, what), seq_len)
+        return _label(_select(windows, {}, "input_ids", samples, batch_size, seed, split, seq_len, names))
     tensors: dict[str, list[torch.Tensor]] = {}
     for f in _collect_files(paths, TENSOR_SUFFIXES):
         for k, v in read_tensor_file(f).items():
@@ -254,10 +291,11 @@ def load_data(paths: Sequence[str | os.PathLike], tokenizer=None, *, samples: in
         raise InputError(f"tensor data files do not fit together: {str(err).splitlines()[0]}") from None
     x = merged.pop("input")
     if x.shape[0] == 0:
-        raise InputError("the tensor data is empty")
+        raise InputError("the evaluation tensor data (--eval-data) is empty" if evaluation_only
+                         else "the tensor data is empty")
     if "labels" in merged and merged["labels"].shape[0] != x.shape[0]:
         raise InputError("'labels' and 'input' have different numbers of samples")
-    return _select(x, merged, "input", samples, batch_size, seed, split, None, names)
+    return _label(_select(x, merged, "input", samples, batch_size, seed, split, None, names))
 
 
 def _select(x, extra, key, samples, batch_size, seed, split, seq_len, names) -> Batches:
@@ -306,14 +344,105 @@ def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def forward(model, batch: dict[str, torch.Tensor], device=None):
-    """Run the model on a batch: HF-style keyword inputs, else the ``input`` tensor positionally."""
-    if device is not None:
-        batch = to_device(batch, device)
+# Where batches came from, for the message when they do not fit the model: the tensor every batch of
+# a Batches is a view of (id → (weak reference, file names)); nothing is attached to the batches.
+_ORIGINS: dict[int, tuple[weakref.ref, str]] = {}
+# Input layouts each model has already run (model → {signature}): only the first batch of a layout
+# is checked, so a failure later in a run is not mistaken for data that does not fit.
+_FITTED: weakref.WeakKeyDictionary[Any, set] = weakref.WeakKeyDictionary()
+
+
+def _label(batches: Batches) -> Batches:
+    """Remember the files ``batches`` were read from (see :func:`forward`)."""
+    first = batches.batches[0] if batches.batches else {}
+    x = first.get("input_ids", first.get("input"))
+    if isinstance(x, torch.Tensor):
+        base = x._base if x._base is not None else x
+        for key in [k for k, (ref, _) in _ORIGINS.items() if ref() is None]:
+            del _ORIGINS[key]
+        _ORIGINS[id(base)] = (weakref.ref(base), ", ".join(batches.sources))
+    return batches
+
+
+def _origin(batch: dict) -> str | None:
+    x = batch.get("input_ids", batch.get("input"))
+    if not isinstance(x, torch.Tensor):
+        return None
+    base = x._base if x._base is not None else x
+    entry = _ORIGINS.get(id(base))
+    return entry[1] if entry is not None and entry[0]() is base else None
+
+
+def _signature(batch: dict) -> tuple:
+    return tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in batch.items()
+                        if isinstance(v, torch.Tensor) and (k == "input" or k in MODEL_INPUT_KEYS)))
+
+
+def position_limit(model) -> tuple[int, str] | None:
+    """The most positions a model with learned absolute position embeddings accepts, and the config
+    field that says so (``max_position_embeddings``, ``n_positions``); None for models without such a
+    limit (rotary or relative positions run past it, and modules without a config have none)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if any(getattr(cfg, k, None) for k in ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim",
+                                           "alibi", "relative_attention_num_buckets")):
+        return None
+    if str(getattr(cfg, "position_embedding_type", "absolute") or "absolute") != "absolute":
+        return None
+    for key in ("n_positions", "max_position_embeddings"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, key
+    return None
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _call(model, batch: dict[str, torch.Tensor]):
     if "input" in batch:
         return model(batch["input"])
     kwargs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     return model(**kwargs)
+
+
+def forward(model, batch: dict[str, torch.Tensor], device=None):
+    """Run the model on a batch: HF-style keyword inputs, else the ``input`` tensor positionally.
+
+    The first batch of each input layout is checked: token windows longer than the model's learned
+    position embeddings, or data the model cannot take (wrong shape, wrong kind), fail with one line
+    naming the data instead of the framework's internal error."""
+    origin_batch = batch
+    if device is not None:
+        batch = to_device(batch, device)
+    try:
+        seen = _FITTED.setdefault(model, set())
+    except TypeError:  # a callable that cannot be weakly referenced: run unchecked
+        return _call(model, batch)
+    sig = _signature(batch)
+    if sig in seen:
+        return _call(model, batch)
+    ids = batch.get("input_ids")
+    limit = position_limit(model)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and limit is not None and ids.shape[1] > limit[0]:
+        raise InputError(f"windows of {ids.shape[1]} tokens are longer than the model accepts ({limit[0]} "
+                         f"positions, {limit[1]} in its config): pass --seq-len {limit[0]} or less")
+    try:
+        out = _call(model, batch)
+    except (RuntimeError, IndexError, ValueError, TypeError, AttributeError) as err:
+        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err):
+            raise
+        origin = _origin(origin_batch)
+        where = f"the data in {origin}" if origin else "the data"
+        x = batch.get("input", batch.get("input_ids"))
+        shape = f" (a batch of shape {tuple(x.shape)})" if isinstance(x, torch.Tensor) else ""
+        why = f"{type(err).__name__}: {_short(err)}"
+        raise InputError(f"{where}{shape} does not fit the model: {why}") from err
+    seen.add(sig)
+    return out
 
 
 def attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

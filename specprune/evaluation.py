@@ -69,6 +69,10 @@ def resolve_metric(name: str, model: nn.Module, batches: Batches) -> str:
         return "output-mse"
     if name == "lm-loss" and "input_ids" not in batches.batches[0]:
         raise InputError("--metric lm-loss needs token data (input_ids)")
+    if name == "lm-loss" and not is_causal_lm(model) and lm_head_missing(model):
+        raise InputError(f"--metric lm-loss needs a causal language model (next-token logits), and "
+                         f"{type(model).__name__} has no language-model head: use --metric output-mse with "
+                         "--reference (or task-loss with labelled data)")
     if name == "task-loss" and "labels" not in batches.batches[0]:
         raise InputError("--metric task-loss needs data with labels")
     if name not in METRICS:
@@ -76,10 +80,27 @@ def resolve_metric(name: str, model: nn.Module, batches: Batches) -> str:
     return name
 
 
+def lm_head_missing(model: nn.Module) -> bool:
+    """True for a Hugging Face model without a language-model head (``BertModel``, a classifier):
+    it has no next-token logits for lm-loss. Modules that are not HF models are judged by their output
+    (see ``_lm_loss_sum``)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if getattr(model, "config", None) is None or not callable(getter):
+        return False
+    try:
+        return getter() is None
+    except Exception:  # noqa: BLE001 - a model class without the hook: judged by its output
+        return False
+
+
 def _lm_loss_sum(model, batch, device) -> tuple[float, int]:
     b = to_device(batch, device)
     logits = output_tensor(forward(model, b)).float()
     ids = b["input_ids"]
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape) or logits.shape[-1] <= int(ids.max()):
+        raise InputError(f"the lm-loss metric needs next-token logits over the vocabulary, and the model's "
+                         f"output has shape {tuple(logits.shape)} for token ids of shape {tuple(ids.shape)} "
+                         f"up to {int(ids.max())}: use --metric output-mse with --reference")
     mask = b.get("attention_mask", torch.ones_like(ids)).bool()
     lg = logits[:, :-1]
     tgt = ids[:, 1:]
@@ -120,6 +141,18 @@ def _masked_output(model, batch, device) -> torch.Tensor:
     return y.reshape(y.shape[0], -1).cpu() if y.dim() > 1 else y.reshape(-1, 1).cpu()
 
 
+def _same_shape(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The measured model's output next to the reference's: the same shape, or one clear line."""
+    if tuple(y.shape) != tuple(ref.shape):
+        if y.shape[1:] != ref.shape[1:]:
+            what = f"{y.shape[1]} values per position against the reference's {ref.shape[1]}"
+        else:
+            what = f"{y.shape[0]} positions against the reference's {ref.shape[0]}"
+        raise InputError(f"the outputs of the model and the reference do not have the same shape ({what}): "
+                         "compare a compressed model with the model it was made from (the same architecture)")
+    return y
+
+
 class LMLoss:
     """Built-in ``lm-loss`` metric: mean next-token cross-entropy (registered as a metric plugin)."""
 
@@ -152,13 +185,64 @@ def metric_function(name: str) -> Callable:
     from .models import import_callable
 
     if ":" in name:
-        fn = import_callable(name)
+        fn = import_callable(name, "--metric")
     else:
         obj = registry.get("metrics", name)
         fn = obj() if isinstance(obj, type) else obj
     if not callable(fn):
         raise InputError(f"metric {name!r} is not callable")
+    _check_signature(fn, name)
     return fn
+
+
+def _check_signature(fn: Callable, name: str) -> None:
+    """A metric is called as ``fn(model, batch, device)``: a callable that cannot take those three
+    arguments is refused before any work (a failure inside it is the callable's own error)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: checked by the call
+        return
+    try:
+        sig.bind(None, None, None)
+    except TypeError as err:
+        raise InputError(f"--metric {name} must take (model, batch, device) and return (sum, count); "
+                         f"it cannot be called that way ({err})") from None
+
+
+def _sum_count(result: Any, name: str) -> tuple[float, int]:
+    """A custom metric's ``(sum, count)`` as numbers, or one clear line saying what it returned."""
+    def number(v) -> float | None:
+        if isinstance(v, torch.Tensor):
+            return float(v.detach().double().cpu()) if v.numel() == 1 else None
+        if isinstance(v, bool):
+            return None
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+
+    if isinstance(result, torch.Tensor):
+        got = f"a tensor of shape {tuple(result.shape)}"
+    elif isinstance(result, (tuple, list)):
+        got = f"a {type(result).__name__} of {len(result)}"
+        if len(result) == 2:
+            s, n = number(result[0]), number(result[1])
+            if s is not None and n is not None and n == int(n) and n >= 0:
+                return s, int(n)
+            got = f"({', '.join(_brief(v) for v in result)})"
+    else:
+        got = _brief(result)
+    raise InputError(f"--metric {name} must return (sum, count): two numbers, the count a whole number "
+                     f"≥ 0; it returned {got}")
+
+
+def _brief(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)}" if v.numel() != 1 else repr(float(v))
+    text = repr(v)
+    return text if len(text) <= 60 else f"a {type(v).__name__}"
 
 
 @dataclass
@@ -227,17 +311,21 @@ class Evaluator:
 
     def _sum(self, model, batch) -> tuple[float, int]:
         if self._custom is not None:
-            s, n = self._custom(model, to_device(batch, self.device), self.device)
-            return float(s), int(n)
+            return _sum_count(self._custom(model, to_device(batch, self.device), self.device), self.metric)
         if self.metric == "lm-loss":
             return _lm_loss_sum(model, batch, self.device)
         return _task_loss_sum(model, batch, self.device)
 
     def _parts(self, model, description: str) -> list[float]:
         """Per-batch numerators a_b (see class docstring)."""
+        if self.metric == "lm-loss" and lm_head_missing(model):
+            raise InputError(f"the model ({type(model).__name__}) has no language-model head, unlike the "
+                             "reference: lm-loss cannot compare them; compare a compressed model with the "
+                             "model it was made from (the same architecture)")
         with torch.inference_mode():
             if self.metric == "output-mse":
-                return [float((_masked_output(model, b, self.device).double() - ref.double()).pow(2).sum())
+                return [float((_same_shape(_masked_output(model, b, self.device), ref).double()
+                               - ref.double()).pow(2).sum())
                         for b, ref in zip(track(self._mine, description), self._ref_outputs)]
             return [self._sum(model, b)[0] - r[0] for b, r in zip(track(self._mine, description),
                                                                    self._ref_parts)]

@@ -2,11 +2,88 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
 
 from . import analyze
 
+# The exceptions typer's parser raises (its vendored click, or click itself in older typer versions).
+_exceptions = sys.modules[typer.BadParameter.__module__]
+
+
+def _value_problem(err) -> str:
+    """What is wrong with a value the parser could not convert, e.g. "'nan' is not a valid integer"."""
+    cause = err.__cause__
+    errors = getattr(cause, "errors", None)
+    if callable(errors):  # typer converts values with pydantic: its error has the value and the kind
+        try:
+            first = errors()[0]
+        except (IndexError, TypeError, ValueError):
+            first = None
+        if isinstance(first, dict):
+            kind, value, msg = str(first.get("type", "")), first.get("input"), str(first.get("msg", ""))
+            if kind.startswith("int_"):
+                return f"{value!r} is not a valid integer"
+            if kind.startswith("float_"):
+                return f"{value!r} is not a valid number"
+            if kind.startswith("bool_"):
+                return f"{value!r} is not a valid boolean (true/false)"
+            msg = msg.removeprefix("Value error, ").rstrip(".")
+            return msg if repr(value) in msg else f"{value!r}: {msg}"
+    return str(err.message).rstrip(".")
+
+
+def usage_error_line(err) -> tuple[str, int]:
+    """A parser error as one line and its exit code: a value that cannot be converted is a bad input
+    (exit 1, the contract); an unknown option, a missing argument or option, or any other misuse of
+    the command line keeps click's exit 2."""
+    hint = getattr(err, "param_hint", None)
+    if hint is None and getattr(err, "param", None) is not None:
+        hint = err.param.get_error_hint()
+    if isinstance(hint, (list, tuple)):
+        hint = " / ".join(repr(h) for h in hint)
+    if getattr(err, "verbatim", False):  # common.OptionError: a range check with its own wording
+        return str(err.message), 1
+    if isinstance(err, _exceptions.BadParameter) and not isinstance(err, _exceptions.MissingParameter):
+        where = f"invalid value for {hint}" if hint else "invalid value"
+        return f"{where}: {_value_problem(err)}", 1
+    msg = err.format_message().rstrip(".")
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        msg += f" (see '{ctx.command_path} --help')"
+    return msg, err.exit_code
+
+
+class SpecpruneGroup(TyperGroup):
+    """Parser errors of the commands as one line on stderr: exit 1 for a value that cannot be
+    converted (``--samples nan``, ``--format xml``), exit 2 only for an unknown option, a missing
+    argument or another usage error (see CONTRACT.md, exit codes)."""
+
+    def parse_args(self, ctx, args):  # the root's own options (``specprune --nosuch``)
+        try:
+            return super().parse_args(ctx, args)
+        except _exceptions.UsageError as err:
+            if isinstance(err, getattr(_exceptions, "NoArgsIsHelpError", ())):
+                raise  # plain ``specprune``: the help, as before
+            _usage_exit(err)
+
+    def invoke(self, ctx):  # the commands' options and arguments, and unknown command names
+        try:
+            return super().invoke(ctx)
+        except _exceptions.UsageError as err:
+            _usage_exit(err)
+
+
+def _usage_exit(err) -> None:
+    msg, code = usage_error_line(err)
+    sys.stderr.write(f"specprune: error: {' '.join(msg.split())}\n")
+    raise typer.Exit(code) from None
+
+
 app = typer.Typer(
+    cls=SpecpruneGroup,
     name="specprune",
     help="Spectral compression analysis: measure layer spectra, recommend pruning rates and bit-widths "
          "with a predicted loss increase, apply them, and measure.",

@@ -23,6 +23,24 @@ class OutputFormat(str, enum.Enum):
     json = "json"
 
 
+class OptionError(typer.BadParameter):
+    """An option value refused while the command line is parsed: exit 1 with this message as is
+    (see ``app.SpecpruneGroup``)."""
+
+    verbatim = True
+
+
+def _check_seed(value: int) -> int:
+    from ..data import check_seed
+    from ..errors import InputError
+
+    try:
+        check_seed(value)
+    except InputError as err:
+        raise OptionError(str(err)) from None
+    return value
+
+
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="human tables or one JSON document on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or human output beyond results.")]
@@ -33,7 +51,8 @@ EvalDataOpt = Annotated[Optional[list[str]], typer.Option("--eval-data", help="E
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Number of windows drawn from the data.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (window sampling, calibration).")]
+SeedOpt = Annotated[int, typer.Option("--seed", callback=_check_seed,
+                                      help="Random seed (window sampling, calibration).")]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Layer name or dotted suffix, or re:REGEX (repeatable).")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Layer name or dotted suffix, or re:REGEX (repeatable).")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="module:callable building the model, for state-dict files.")]

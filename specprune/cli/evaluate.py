@@ -21,12 +21,45 @@ EPILOG = """Examples:
 
 def render_evaluation(doc: dict) -> None:
     c = console()
-    c.print(f"metric: {doc['metric']}")
+    c.print(f"metric: {doc['metric']}", highlight=False)
+    if doc.get("reference"):
+        recorded = doc.get("reference_source") == "specprune.json"
+        how = " (the source recorded in specprune.json)" if recorded else ""
+        c.print(f"reference model: {doc['reference']}{how}", highlight=False, markup=False, soft_wrap=True)
     c.print(f"reference: {doc['reference_value']:.6g}   value: {doc['value']:.6g}")
     line = f"measured delta: {doc['measured_delta']:.4%}"
+    if doc.get("reference") is None and "reference" in doc:
+        line = "measured delta: not measured (no reference model)"
     if doc.get("predicted_delta") is not None:
         line += f"   predicted: {doc['predicted_delta']:.4%}"
     c.print(line)
+    if doc.get("reference_note"):
+        c.print(f"note: {doc['reference_note']}", highlight=False, markup=False, soft_wrap=True)
+
+
+def recorded_source(model: str) -> tuple[Path | None, str | None]:
+    """The source model a specprune-written directory records in its specprune.json: (path, None)
+    when it is found (an absolute path, or one relative to the directory), else (None, why not);
+    (None, None) when ``model`` is not such a directory (or its specprune.json is unreadable: loading
+    the model reports that)."""
+    import json
+    import os
+
+    spec_file = Path(model) / "specprune.json"
+    if not spec_file.is_file():
+        return None, None
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        src = spec["source"].get("path") if isinstance(spec.get("source"), dict) else None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None, None
+    if not isinstance(src, str) or not src.strip():
+        return None, f"{spec_file} records no source model"
+    path = Path(src)
+    found = path if path.is_absolute() else Path(os.path.normpath(Path(model) / path))
+    if not found.exists():
+        return None, f"the source model recorded in {spec_file} ({src}) is not found"
+    return found, None
 
 
 def evaluate_cmd(
@@ -63,8 +96,10 @@ def evaluate_cmd(
     ctx = Ctx(fmt, quiet)
     check_early(device, samples=samples, seq_len=seq_len, batch_size=batch_size)
     t0 = time.perf_counter()
+    # Without --reference, a compressed directory is measured against the source model it records.
+    auto_ref, ref_note = (None, None) if reference else recorded_source(model)
     inputs = [model, *(data or []), *(eval_data or []), *([reference] if reference else []),
-              *([plan] if plan else [])]
+              *([plan] if plan else []), *([auto_ref] if auto_ref else [])]
     out_file = None
     if out is not None:
         check_output_path(out, inputs, overwrite)  # the contract: an existing --out needs --overwrite
@@ -72,6 +107,10 @@ def evaluate_cmd(
         check_output_path(out_file, inputs, overwrite)
     loaded = load_model(model, arch=arch, trust_remote_code=trust_remote_code)
     ref = load_model(reference, arch=arch, trust_remote_code=trust_remote_code) if reference else None
+    if auto_ref is not None:
+        ref, ref_note = _load_recorded(auto_ref, model, arch)
+        if ref is None:
+            auto_ref = None
     tok = loaded.tokenizer or (ref.tokenizer if ref else None)
     spec = DataSpec(data, eval_data, samples, seq_len, batch_size, seed)
     batches = spec.evaluation(tok)
@@ -82,20 +121,29 @@ def evaluate_cmd(
     pred = None
     plan_path = None
     if plan is not None:
-        pred = Plan.load(plan).predicted_delta
+        pred = Plan.load(plan).prediction
         plan_path = str(plan)
     elif (Path(model) / "plan.json").is_file():
-        pred = Plan.load(Path(model) / "plan.json").predicted_delta
+        pred = Plan.load(Path(model) / "plan.json").prediction
         plan_path = str(Path(model) / "plan.json")
     if ref is not None:
         ev = Evaluator(ref.model, batches, metric, dev).evaluation(loaded.model, predicted_delta=pred)
     else:
         evaluator = Evaluator(loaded.model, batches, metric, dev)
         if evaluator.metric == "output-mse":
-            raise InputError("output-mse needs --reference (the uncompressed model) to compare against")
+            why = f" ({ref_note})" if ref_note else ""
+            raise InputError(f"output-mse needs --reference (the uncompressed model) to compare against{why}")
         from ..evaluation import Evaluation
 
         ev = Evaluation(evaluator.metric, evaluator.reference_value, evaluator.reference_value, 0.0, pred)
+        ref_note = ((ref_note + "; ") if ref_note else "") + (
+            "no reference model was measured: reference_value is the model's own value and measured_delta "
+            "is 0 by definition; pass --reference MODEL to measure the delta")
+    ev.extra["reference"] = str(reference) if reference else (str(auto_ref) if auto_ref else None)
+    if auto_ref is not None:
+        ev.extra["reference_source"] = "specprune.json"
+    if ref_note:
+        ev.extra["reference_note"] = ref_note
     ev.plan = plan_path
     if plan_path:
         ev.size = Plan.load(plan_path).size
@@ -107,6 +155,30 @@ def evaluate_cmd(
     if out_file is not None and is_main():
         write_atomic(out_file, dumps(doc), inputs=inputs, overwrite=overwrite)
     ctx.emit(doc, render_evaluation)
+
+
+def _load_recorded(source: Path, model: str, arch):
+    """Load the recorded source as the reference: (LoadedModel, None), or (None, why not). Nothing
+    named in a received directory runs: remote code stays off, and only the user's own --arch builds a
+    non-Hugging Face source. A source whose weights differ from those the plan was made for (its
+    fingerprint) is not used."""
+    from ..errors import SpecpruneError
+    from ..models import fingerprint, load_model
+    from ..plan import Plan
+
+    recorded = f"the source model {source} recorded in {Path(model) / 'specprune.json'}"
+    try:
+        ref = load_model(source, arch=arch, trust_remote_code=False)
+    except SpecpruneError as err:
+        return None, f"{recorded} cannot be loaded: {err}"
+    plan_file = Path(model) / "plan.json"
+    try:
+        made_for = Plan.load(plan_file).model.get("fingerprint") if plan_file.is_file() else None
+    except SpecpruneError:
+        made_for = None
+    if made_for and made_for != fingerprint(ref.model):
+        return None, f"{recorded} has other weights than the model was compressed from (fingerprints differ)"
+    return ref, None
 
 
 def register(app: typer.Typer) -> None:

@@ -694,7 +694,6 @@ def test_existing_out_is_replaced_whole_with_overwrite(tmp_path, llama):
     ["analyze"],                                   # missing MODEL
     ["apply", "MODEL", "--out", "o"],              # missing --plan
     ["prune", "MODEL", "--rate", "0.3"],           # missing --out
-    ["quantize", "MODEL", "--bits", "four", "--out", "o"],  # not an integer
 ])
 def test_usage_errors_exit_2(args):
     stderr = invoke(args, code=2)
