@@ -85,3 +85,15 @@ def tree_hash(path: Path) -> str:
         h.update(str(f.relative_to(p.parent if p.is_file() else p)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+ERROR_PREFIX = "specprune: error: "
+
+
+def one_error_line(stderr: str) -> str:
+    """stderr is exactly one line, ``specprune: error: ...``; returns the message."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{stderr}"
+    assert lines[0].startswith(ERROR_PREFIX), lines[0]
+    return lines[0][len(ERROR_PREFIX):]

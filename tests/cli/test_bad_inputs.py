@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tree_hash
+from conftest import ERROR_PREFIX, one_error_line, tree_hash
 from typer.testing import CliRunner
 
 from specprune.cli.app import app
@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 FAST = ["--samples", "8", "--seq-len", "32", "--batch-size", "4"]
 ALL_COMMANDS = ("analyze", "recommend", "prune", "quantize", "apply", "evaluate", "compress")
 DATA_COMMANDS = ("analyze", "recommend", "prune", "apply", "evaluate", "compress")
-ERROR_PREFIX = "specprune: error: "
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,15 +65,6 @@ def argv(cmd: str, model, data, out, plan=None, extra=()) -> list[str]:
 def out_path(tmp: Path, cmd: str) -> Path:
     """Where ``cmd`` writes: a file for recommend/evaluate, a directory otherwise."""
     return tmp / {"recommend": "plan.json", "evaluate": "evaluation.json"}.get(cmd, "out")
-
-
-def one_error_line(stderr: str) -> str:
-    """stderr is exactly one line, ``specprune: error: ...``; returns the message."""
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{stderr}"
-    assert lines[0].startswith(ERROR_PREFIX), lines[0]
-    return lines[0][len(ERROR_PREFIX):]
 
 
 def invoke(args, inputs=(), code: int = 1, must_not_exist=()):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tree_hash
+from conftest import one_error_line, tree_hash
 from torch import nn
 from typer.testing import CliRunner
 
@@ -27,7 +27,6 @@ from specprune.cli.app import app
 from specprune.errors import InputError
 
 FAST = ["--samples", "8", "--seq-len", "32", "--batch-size", "4"]
-ERROR_PREFIX = "specprune: error: "
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,14 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def one_error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{stderr}"
-    assert lines[0].startswith(ERROR_PREFIX), lines[0]
-    return lines[0][len(ERROR_PREFIX):]
 
 
 def run(*args):

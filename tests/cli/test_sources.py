@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 from conftest import tree_hash
 from typer.testing import CliRunner
