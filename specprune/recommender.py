@@ -426,9 +426,13 @@ class Recommender:
                     (lo * 1.5 if lo > 0 else hi * 0.5)
             budget = proposal
         # uniform settings measured for the calibration map compete too: never return a plan larger
-        # than one of them that already met the target on the same windows
+        # than one of them that already met the target on the same windows — when the maps do not rule
+        # it out (a measurement below the windows' noise, e.g. a loss that fell, is no evidence that a
+        # setting predicted far above the target meets it)
+        plausible = target * math.exp(2.0 * max(self.cmap.sigma, self.rmap.sigma))
         for label, u_size, u_choice, u_measured, u_stderr in (self.measured_uniform if verify else ()):
-            if u_measured <= target and (accepted is None or u_size < accepted[0]):
+            if u_measured <= target and self.predict(u_choice) <= plausible \
+                    and (accepted is None or u_size < accepted[0]):
                 accepted = (u_size, u_choice, u_measured, u_stderr)
                 chosen = label
         # no round met the target: keep the plan measured closest to it and say so (plan.warning)
