@@ -24,9 +24,13 @@ def test_noise_level_tolerance_keeps_a_real_prediction(tmp_path, tiny_dirs, text
     plan = json.loads((tmp_path / "c" / "plan.json").read_text())
     shares = [lp["predicted_delta"] for lp in plan["layers"].values()]
     assert plan["metric"] == "lm-loss"
-    assert plan["predicted_delta"] > 0 and plan["predicted_delta_uncertainty"] > 0
+    changed = [n for n, lp in plan["layers"].items() if lp["bits"] is not None or lp["rank"] is not None]
+    if changed:  # a plan that compresses something predicts a positive delta, with an uncertainty
+        assert plan["predicted_delta"] > 0 and plan["predicted_delta_uncertainty"] > 0
+    else:  # nothing fits under such a tolerance: nothing is changed, and nothing is predicted
+        assert plan["predicted_delta"] == 0
     assert all(s >= 0 for s in shares)
-    assert sum(shares) == pytest.approx(plan["predicted_delta"], rel=1e-9)
+    assert sum(shares) == pytest.approx(plan["predicted_delta"], rel=1e-9, abs=1e-15)
     # a uniform setting whose loss fell on the calibration windows (noise) is no evidence that it meets
     # a tolerance far below its predicted delta: before, "uniform bits 3" won with 0 ± 0
     assert not plan["details"]["chosen"].startswith("uniform"), plan["details"]["chosen"]
