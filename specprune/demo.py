@@ -128,10 +128,11 @@ def demo_inputs(settings: DemoSettings) -> list[Path]:
 
 
 def _choose_model(out: Path, settings: DemoSettings, log: Callable[[str], None]) -> tuple[str, str]:
-    from .toy import minilm_dir, train_llama
+    from .toy import train_llama
 
-    d = minilm_dir() if settings.model in ("auto", "minilm") else None
-    if d is not None:
+    found = demo_inputs(settings)
+    if found:
+        d = found[0]
         log(f"model: all-MiniLM-L6-v2 ({d})")
         return str(d), "all-MiniLM-L6-v2"
     if settings.model == "minilm":

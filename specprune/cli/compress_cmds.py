@@ -138,13 +138,14 @@ def _uniform_builder(include, exclude, **kw):
     def build(loaded):
         from ..layers import select_layers
         from ..compress.apply import is_low_rank
+        from ..compress.prune import is_factor
         from ..errors import InputError
         from ..plan import Plan
 
         layers = select_layers(loaded.model, include, exclude)
         if kw.get("rate") and is_low_rank(kw.get("method", "spectral")):
             # the factors of an earlier low-rank pruning keep their rank: truncating one again saves nothing
-            kept = [lay for lay in layers if not getattr(lay.module, "specprune_factor", False)]
+            kept = [lay for lay in layers if not is_factor(lay.module)]
             if layers and not kept:
                 raise InputError(f"nothing to prune at low rank: all {len(layers)} targeted layers are factors "
                                  "of an earlier low-rank pruning (prune the original model, or quantize)")

@@ -42,16 +42,17 @@ def recorded_source(model: str) -> tuple[Path | None, str | None]:
     when it is found (an absolute path, or one relative to the directory), else (None, why not);
     (None, None) when ``model`` is not such a directory (or its specprune.json is unreadable: loading
     the model reports that)."""
-    import json
     import os
 
-    spec_file = Path(model) / "specprune.json"
+    from ..compress.saved import SPEC_FILE, read_spec
+    from ..errors import InputError
+
+    spec_file = Path(model) / SPEC_FILE
     if not spec_file.is_file():
         return None, None
     try:
-        spec = json.loads(spec_file.read_text(encoding="utf-8"))
-        src = spec["source"].get("path") if isinstance(spec.get("source"), dict) else None
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        src = read_spec(Path(model))["source"].get("path")
+    except InputError:
         return None, None
     if not isinstance(src, str) or not src.strip():
         return None, f"{spec_file} records no source model"

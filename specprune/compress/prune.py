@@ -184,6 +184,9 @@ def low_rank_factors(method: str, w: torch.Tensor, covariance: Any, k: int, *,
 # factorized modules
 
 
+FACTOR_ATTR = "specprune_factor"  # set on the two layers of a Factorized
+
+
 class Factorized(nn.Module):
     """y = second(first(x)): a rank-``rank`` factorization W_k = A B of a layer.
 
@@ -197,7 +200,7 @@ class Factorized(nn.Module):
         self.first = first
         self.second = second
         for factor in (first, second):  # a factor is not factorized again (see can_factorize)
-            factor.specprune_factor = True
+            setattr(factor, FACTOR_ATTR, True)
         self.in_features = d_in
         self.out_features = d_out
         self.rank = rank
@@ -304,11 +307,16 @@ def can_factorize(module: nn.Module) -> bool:
     """Linear, HF Conv1D, and Conv1d/2d with groups = 1 can be split into two layers — except a factor
     of an earlier factorization (``first`` / ``second`` of a :class:`Factorized`): splitting it again
     would nest factorizations; a lower rank for such a layer is written into the factor itself."""
-    if getattr(module, "specprune_factor", False):
+    if is_factor(module):
         return False
     if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return True
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+
+
+def is_factor(module: nn.Module) -> bool:
+    """Whether ``module`` is ``first`` or ``second`` of a :class:`Factorized` (an earlier low-rank pruning)."""
+    return bool(getattr(module, FACTOR_ATTR, False))
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:

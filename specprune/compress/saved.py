@@ -318,7 +318,9 @@ def export_dense_checkpoint(model: nn.Module, out: Path, *, hf: bool, hf_files_f
 # loading
 
 
-def _read_spec(d: Path) -> dict:
+def read_spec(d: Path) -> dict:
+    """The validated specprune.json of a directory written by :func:`save_compressed` (InputError if absent
+    or malformed)."""
     f = d / SPEC_FILE
     if not f.is_file():
         raise InputError(f"{d} is not a specprune model directory (no {SPEC_FILE})")
@@ -418,7 +420,7 @@ def load_saved(path: str | Path, arch: str | Callable[[], nn.Module] | None = No
     from .apply import set_module
 
     d = Path(path)
-    spec = _read_spec(d)
+    spec = read_spec(d)
     src = spec["source"]
     wf = d / WEIGHTS_FILE
     if not wf.is_file():
