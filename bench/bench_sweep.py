@@ -9,8 +9,9 @@ would run without specprune.
 For each model, over the same analysis (``specprune.analyze`` on the calibration windows; its time is
 reported but belongs to neither side):
 
-* **recommend** — :class:`specprune.recommender.Recommender` (per-layer geometry, antithetic
-  sensitivity probes, calibration map: what every ``specprune recommend`` call does first) followed
+* **recommend** — :class:`specprune.recommender.Recommender` (per-layer geometry, sensitivities
+  — ``--sensitivity``: gradient where defined, the default, or the one-layer probes — and the
+  calibration map: what every ``specprune recommend`` call does first) followed
   by ``plan(tolerance)`` for each tolerance (0.5%, 2%, 8%). ``specprune.recommend(analysis, tol, ...)``
   is exactly ``Recommender(...).plan(tol)``, so one CLI call costs ``init + plan(tol)``; both that and
   the shared-init cost of all three tolerances are reported.
@@ -99,11 +100,11 @@ def settings(quick: bool) -> list[dict]:
             + [{"kind": "rank", "value": f, "label": f"whitened rank {f:.0%}"} for f in ranks])
 
 
-def run_recommend(analysis, model, calib, tolerances):
+def run_recommend(analysis, model, calib, tolerances, sensitivity="auto"):
     from specprune.recommender import Recommender
 
     t0 = time.perf_counter()
-    rec = Recommender(analysis, model, calib)
+    rec = Recommender(analysis, model, calib, sensitivity=sensitivity)
     init = time.perf_counter() - t0
     plans, plan_s = {}, {}
     for tol in tolerances:
@@ -162,7 +163,7 @@ def bench_model(name: str, model_dir: Path, text: Path, args) -> dict:
     rec_init, rec_plan, sweep_t = [], {t: [] for t in tols}, []
     rec = plans = sweep_rows = held = None
     for r in range(args.rounds):
-        rec, plans, init, plan_s = run_recommend(analysis, model, calib, tols)
+        rec, plans, init, plan_s = run_recommend(analysis, model, calib, tols, args.sensitivity)
         rec_init.append(init)
         for tol in tols:
             rec_plan[tol].append(plan_s[tol])
@@ -216,8 +217,8 @@ def bench_model(name: str, model_dir: Path, text: Path, args) -> dict:
     print(table(["what", "median s", "/ sweep", "target", ""], rows))
     rec_details = plans[tols[0]].details
     sens_probes = sum(len(v.get("probes", [])) for v in rec_details.get("sensitivities", {}).values())
-    print(f"\n(sensitivity probes: {sens_probes} antithetic pairs over {len(rec.geoms)} layers; calibration "
-          f"points: {len(rec_details.get('calibration_map', {}).get('points', []))})")
+    print(f"\n(sensitivities: {rec_details.get('sensitivity')}; {sens_probes} probe points over {len(rec.geoms)} "
+          f"layers; calibration points: {len(rec_details.get('calibration_map', {}).get('points', []))})")
 
     print(f"\n## {name} — recommended plan vs the best uniform setting meeting each tolerance (held-apart windows)\n")
     print(table(["tolerance", "plan predicted", "plan measured", "<= 1.25 tol", "plan bits_after (MiB)",
@@ -258,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 128 MiniLM, 64 Llama)")
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
     ap.add_argument("--rounds", type=int, default=2, help="alternated recommend/sweep rounds (default 2)")
+    ap.add_argument("--sensitivity", default="auto", choices=("auto", "gradient", "probe"),
+                    help="the recommender's per-layer sensitivities (default auto: gradient where defined)")
     ap.add_argument("--llama", action="store_true", help="also the small Llama (trained once, ~1-2 min, cached)")
     ap.add_argument("--llama-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "specprune_bench_llama")
     ap.add_argument("--no-minilm", action="store_true")

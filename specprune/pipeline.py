@@ -72,7 +72,7 @@ def analysis_or_model(target: str, arch, trust, include, exclude, device, spec: 
 def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | Path, *,
              include=None, exclude=None, device=None, metric="auto", methods=("prune", "quantize"),
              bits_choices=(2, 3, 4, 5, 6, 8), group_sizes=(None, 128), prune_method="whitened",
-             overwrite=False, export_dense=False, inputs=(), log=lambda m: None, warn=None,
+             sensitivity="auto", overwrite=False, export_dense=False, inputs=(), log=lambda m: None, warn=None,
              report=True) -> dict:
     """analyze → recommend → apply → evaluate → save, into ``out`` (atomically). Returns the
     contract's compress JSON; raises :class:`ToleranceExceeded` (exit 3) after saving when the
@@ -96,7 +96,8 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     log("recommending")
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=methods,
                      bits_choices=bits_choices, group_sizes=group_sizes, prune_method=prune_method,
-                     source=loaded.source, seed=spec.seed)
+                     source=loaded.source, seed=spec.seed, sensitivity=sensitivity)
+    log(f"sensitivities: {plan.details.get('sensitivity')}")
     if plan.details.get("warning"):
         warn(plan.details["warning"])
     evaluator = Evaluator(loaded.model, evalb, metric)  # reference before the model changes

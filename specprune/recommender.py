@@ -8,7 +8,11 @@ tolerance at the smallest size.
    safe pruning, and the calibrated prediction decides within it.
 2. Each candidate's layer distortion D is exact from Σ (see :mod:`specprune.sensitivity`);
    its predicted delta is s_l·D with measured sensitivities, and its size counts weights at
-   their bits plus one 16-bit scale per group or channel (the contract's ``bits_after``).
+   their bits plus one 16-bit scale per group or channel (the contract's ``bits_after``). The
+   sensitivities come from ``sensitivity="gradient"`` (the metric's Gauss–Newton form scored by a
+   few backward passes for all layers at once, :mod:`specprune.curvature`; output-mse and lm-loss
+   on linear layers) or ``"probe"`` (each layer perturbed alone, every metric and layer type);
+   ``"auto"`` takes the gradient where it is defined.
 3. Allocation: minimise total bits subject to Σ_l δ_l ≤ budget — a multiple-choice knapsack
    solved by Lagrangian relaxation (bisection on the multiplier) followed by a greedy pass
    that spends what is left of the budget. The budget is 80% of the tolerance (calibration
@@ -50,6 +54,7 @@ COMBO_BITS = (4, 6, 8)
 SCALE_BITS = 16
 TARGET_FRACTION = 0.8  # aim below the tolerance: calibration windows are not the evaluation windows
 MAX_ROUNDS = 5
+SENSITIVITY_MODES = ("auto", "gradient", "probe")
 
 
 @dataclass
@@ -141,7 +146,7 @@ def _combo_distortion(geom: LayerGeometry, method: str, k: int, bits: int) -> fl
     a, b = geom.factors(method, k)
     aq = quantize_weight(a, bits, None).dequantize().to(torch.float32)
     bq = quantize_weight(b, bits, None).dequantize().to(torch.float32)
-    return geom.distortion(aq @ bq - geom.w)
+    return geom.factored_distortion(aq, bq)
 
 
 def allocate(options: dict[str, list[Option]], sens: dict[str, LayerSensitivity], budget: float,
@@ -264,7 +269,7 @@ class Recommender:
     def __init__(self, analysis, model: nn.Module, data=None, *, metric: str = "auto",
                  methods=("prune", "quantize"), bits_choices=DEFAULT_BITS, group_sizes=(None, 128),
                  prune_method: str = "whitened", sensitivity_samples: int | None = None, verify_samples: int = 32,
-                 source: str | None = None):
+                 source: str | None = None, sensitivity: str = "auto", seed: int = 0):
         from .data import Batches, from_iterable
         from .evaluation import Evaluator, resolve_metric
 
@@ -278,6 +283,8 @@ class Recommender:
             raise InputError(f"--bits-choices must be integers in 2..8, got {bits_choices}")
         if prune_method not in ("whitened", "spectral"):
             raise InputError(f"prune method must be whitened or spectral, got {prune_method!r}")
+        if sensitivity not in SENSITIVITY_MODES:
+            raise InputError(f"--sensitivity takes {', '.join(SENSITIVITY_MODES)}, got {sensitivity!r}")
         if not analysis.has_spectra:
             raise InputError("the analysis has no saved spectra (spectra.safetensors); re-run specprune analyze")
         analysis.require_full_spectra("recommend")
@@ -300,19 +307,22 @@ class Recommender:
                               "prune_method": self.prune_method, "bits_choices": list(bits_choices),
                               "group_sizes": list(group_sizes)}
         self.calibrated = data is not None
+        if not self.calibrated and sensitivity != "auto":
+            raise InputError(f"--sensitivity {sensitivity} needs calibration data (--data): without it the plan "
+                             "is the uncalibrated layer-local estimate")
         self.verifier = None
         if self.calibrated:
             batches = data if isinstance(data, Batches) else from_iterable(data)
             if sensitivity_samples is None:
                 sensitivity_samples = default_sensitivity_samples(resolve_metric(metric, model, batches))
-            probe = Evaluator(model, _subset(batches, sensitivity_samples), metric, description="reference")
-            self.details["sensitivity_windows"] = probe.batches.samples
-            self.sens = measure_sensitivities(self.layers, self.geoms, probe, model, self.prune_method)
+            windows = _subset(batches, sensitivity_samples)
+            self.details["sensitivity_windows"] = windows.samples
+            self.sens = self._sensitivities(sensitivity, windows, metric, seed)
             self.verifier = Evaluator(model, _subset(batches, verify_samples), metric, description="reference")
             self.cmap, self.rmap, self.measured_uniform = _calibrate_map(
                 model, self.layers, self.options, self.sens, self.geoms, self.verifier, bits_choices,
                 self.prune_method, self.option)
-            self.metric = probe.metric
+            self.metric = self.verifier.metric
         else:
             self.sens = {lay.name: LayerSensitivity(lay.name, 1.0 / max(self.geoms[lay.name].energy, 1e-30),
                                                     1.0 / max(self.geoms[lay.name].energy, 1e-30))
@@ -321,6 +331,42 @@ class Recommender:
             self.measured_uniform = []
             self.metric = metric
         self.seconds = time.perf_counter() - t0
+
+    def _sensitivities(self, mode: str, windows, metric: str, seed: int) -> dict[str, LayerSensitivity]:
+        """Per-layer response laws on ``windows``: ``gradient`` (Gauss–Newton scores from backward passes,
+        :mod:`specprune.curvature`) or ``probe`` (one layer perturbed at a time); ``auto`` takes the
+        gradient where it is defined (linear layers, output-mse or lm-loss) and the probes elsewhere.
+        Layers the gradient cannot score (not reached by the backward passes, non-finite scores) are
+        probed; under ``auto`` a gradient pass that fails (e.g. an operation without a backward) falls
+        back to probing every layer."""
+        from . import curvature
+        from .evaluation import Evaluator, resolve_metric
+
+        name = resolve_metric(metric, self.model, windows)
+        why = curvature.unsupported(self.layers, name)
+        if mode == "gradient" and why:
+            raise InputError(f"--sensitivity gradient is not defined here: {why}; use --sensitivity probe")
+        probed = self.layers
+        sens: dict[str, LayerSensitivity] = {}
+        if mode != "probe" and not why:
+            try:
+                sens = curvature.gradient_sensitivities(self.layers, self.geoms, windows.batches, name, self.model,
+                                                        self.prune_method, seed=seed)
+            except RuntimeError as err:
+                if mode == "gradient":
+                    raise InputError(f"the gradient sensitivities failed ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:200]}); use --sensitivity probe") from err
+                self.details["sensitivity_fallback"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            probed = [lay for lay in self.layers if lay.name not in sens]
+        label = f"gradient ({curvature.DRAWS} Gauss–Newton draws per window)"
+        self.details["sensitivity"] = "probe" if len(probed) == len(self.layers) else label if not probed else \
+            f"{label}; probes for {len(probed)} layer(s) the backward passes did not score"
+        if probed:
+            if sens:
+                self.details["probed_layers"] = [lay.name for lay in probed]
+            probe = Evaluator(self.model, windows, metric, description="reference")
+            sens.update(measure_sensitivities(probed, self.geoms, probe, self.model, self.prune_method))
+        return {lay.name: sens[lay.name] for lay in self.layers}
 
     # -- scoring any setting --------------------------------------------------------------------
     def option(self, name: str, *, method: str | None = None, rank: int | None = None, bits: int | None = None,
@@ -482,7 +528,8 @@ class Recommender:
 def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=None, *,
               metric: str = "auto", methods=("prune", "quantize"), bits_choices=DEFAULT_BITS,
               group_sizes=(None, 128), prune_method: str = "whitened", sensitivity_samples: int | None = None,
-              verify_samples: int = 32, source: str | None = None, seed: int = 0, verify: bool = True) -> Plan:
+              verify_samples: int = 32, source: str | None = None, seed: int = 0, verify: bool = True,
+              sensitivity: str = "auto") -> Plan:
     """A per-layer plan for ``tolerance`` (relative metric increase). With ``model`` and ``data``
     the prediction is calibrated by measurement (see module docstring); without data it is the
     uncalibrated layer-local estimate (each layer's relative output distortion, summed)."""
@@ -490,7 +537,8 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
         raise InputError(f"--tolerance must be > 0, got {tolerance}")
     rec = Recommender(analysis, model, data, metric=metric, methods=methods, bits_choices=bits_choices,
                       group_sizes=group_sizes, prune_method=prune_method,
-                      sensitivity_samples=sensitivity_samples, verify_samples=verify_samples, source=source)
+                      sensitivity_samples=sensitivity_samples, verify_samples=verify_samples, source=source,
+                      sensitivity=sensitivity, seed=seed)
     return rec.plan(tolerance, verify=verify)
 
 

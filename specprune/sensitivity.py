@@ -23,8 +23,11 @@ How much of that reaches the metric depends on what follows the layer, so it is 
    [0.5, 1.5]; 1 when the light probe is lost in its noise). Cost: seven forward passes of the
    probe windows (4, or 8 for loss metrics) per layer, of which the blocks that ran before the
    layer are replayed from one recording pass rather than recomputed (:mod:`specprune.prefix`,
-   identical outputs): on all-MiniLM-L6-v2 ~12 s, about 1.5× a whole ``analyze`` of 64 windows
-   (docs/benchmarks.md).
+   identical outputs): on all-MiniLM-L6-v2 ~9 s, about 2× a whole ``analyze`` of 64 windows
+   (docs/benchmarks.md). For the output-mse and lm-loss metrics on linear layers the same seven
+   numbers per layer come from the metric's Gauss–Newton form instead, for all layers from 16
+   backward passes (:mod:`specprune.curvature`, 2.5 s on MiniLM); the recommender uses that by
+   default and these probes elsewhere.
 2. **Additive prediction.** For a plan, P = Σ_l δ_l(D_l) summed over layers.
 3. **Global calibration maps.** Layers interact (errors compound through later layers and
    normalisations), so each kind's sum is mapped to the measured delta by δ ≈ c·P^p, fitted in
@@ -189,6 +192,11 @@ class LayerGeometry:
     def distortion(self, delta_w: torch.Tensor) -> float:
         return float((delta_w.to(torch.float32) @ self.m).double().pow(2).sum())
 
+    def factored_distortion(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """D(A B − W) as ‖A (B M) − W M‖² (W M is kept): k·d_in·(d_in + d_out) multiply-adds instead of
+        d_out·d_in·(k + d_in) for forming A B first."""
+        return float((a.to(torch.float32) @ (b.to(torch.float32) @ self.m) - self._wm).double().pow(2).sum())
+
     def _svd(self) -> tuple[torch.Tensor, np.ndarray]:
         """Left singular vectors P and singular values s of W Σ^½ = W U Λ^½ (computed once)."""
         if self._sv is None:
@@ -289,30 +297,45 @@ def _probe_truncation(layer: TargetLayer, g: LayerGeometry, evaluator: Evaluator
                       method: str, sens: LayerSensitivity, replay: PrefixReplay | None = None) -> None:
     """The truncation response δ = s·D^q from two real truncations: a large one (rank half the
     break-even rank), measured one-sided and antithetically, and a light one (rank 3/4 of the
-    full rank), one-sided. q comes from the pair when the light one stands out of its sampling noise
-    (clipped to [0.5, 1.5]), else 1."""
-    k1 = max(1, break_even_rank(g.d_in, g.d_out) // 2)
-    k2 = max(k1 + 1, int(0.75 * min(g.d_in, g.d_out)))
+    full rank), one-sided (see :func:`truncation_law`)."""
+    k1, k2 = truncation_ranks(g)
     dp = g.low_rank_delta(method, k1)
-    dist = g.truncation_distortion(method, k1)
     plus = probe_delta(layer, g.w + dp, evaluator, model, replay)  # one-sided: the truncation itself
     minus = probe_delta(layer, g.w - dp, evaluator, model, replay)
+    light = se = None
+    anti = 0.5 * (plus + minus)
+    if k2 < min(g.d_in, g.d_out) and g.truncation_distortion(method, k1) > 0 and max(plus, anti) > 0:
+        light = probe_delta(layer, g.w + g.low_rank_delta(method, k2), evaluator, model, replay)
+        se = evaluator.last_stderr
+    truncation_law(sens, g, method, k1, plus, anti, k2, light, se)
+
+
+def truncation_ranks(g: LayerGeometry) -> tuple[int, int]:
+    """The ranks the truncation response is probed at: half the break-even rank, and 3/4 of full."""
+    k1 = max(1, break_even_rank(g.d_in, g.d_out) // 2)
+    return k1, max(k1 + 1, int(0.75 * min(g.d_in, g.d_out)))
+
+
+def truncation_law(sens: LayerSensitivity, g: LayerGeometry, method: str, k1: int, plus: float,
+                   antithetic: float, k2: int, light: float | None, se: float | None) -> None:
+    """Set ``sens.prune`` and ``sens.prune_power`` from the large truncation's one-sided delta ``plus``
+    and antithetic mean, and the light truncation's one-sided delta (None when not probed) with its
+    standard error. q comes from the pair when the light one stands out of its sampling noise
+    (clipped to [0.5, 1.5]), else 1."""
+    dist = g.truncation_distortion(method, k1)
     # the one-sided delta carries the truncation's systematic first-order term, but on a few windows
     # also a random one that can make it negative; the antithetic mean (curvature only) is its floor
-    delta = max(plus, 0.5 * (plus + minus))
+    delta = max(plus, antithetic)
     sens.probes.append({"kind": "prune", "rank": k1, "distortion": dist, "delta": delta,
-                        "one_sided": plus, "antithetic": 0.5 * (plus + minus)})
+                        "one_sided": plus, "antithetic": antithetic})
     if dist <= 0 or delta <= 0:
         sens.prune = MIN_SENSITIVITY
         return
-    if k2 < min(g.d_in, g.d_out):
-        dp2 = g.low_rank_delta(method, k2)
+    if light is not None:
         dist2 = g.truncation_distortion(method, k2)
-        light = probe_delta(layer, g.w + dp2, evaluator, model, replay)
-        se = evaluator.last_stderr
-        sens.probes.append({"kind": "prune", "rank": k2, "distortion": dist2, "delta": light,
-                            "stderr": se if math.isfinite(se) else None})
-        if 0 < dist2 < dist and light > 2.0 * (se if math.isfinite(se) else 0.0) and light > 0:
+        se = se if se is not None and math.isfinite(se) else None
+        sens.probes.append({"kind": "prune", "rank": k2, "distortion": dist2, "delta": light, "stderr": se})
+        if 0 < dist2 < dist and light > 2.0 * (se or 0.0) and light > 0:
             sens.prune_power = float(np.clip(math.log(delta / light) / math.log(dist / dist2), 0.5, 1.5))
     sens.prune = delta / dist ** sens.prune_power + MIN_SENSITIVITY
 

@@ -10,8 +10,8 @@ import typer
 from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, EvalDataOpt, ExcludeOpt,
                      FormatOpt, IncludeOpt, MetricOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt,
                      SeqLenOpt, ToleranceOpt, TrustOpt, check_early, command, console)
-from .recommend import (BitsChoicesOpt, GroupSizeOpt, MethodsOpt, PruneMethodOpt, group_sizes_from,
-                        parse_bits_choices, parse_methods)
+from .recommend import (BitsChoicesOpt, GroupSizeOpt, MethodsOpt, PruneMethodOpt, SensitivityOpt, check_sensitivity,
+                        group_sizes_from, parse_bits_choices, parse_methods)
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Directory for the compressed model (must not exist "
                                       "unless --overwrite).")]
@@ -268,6 +268,7 @@ def compress_cmd(
     bits_choices: BitsChoicesOpt = "2,3,4,5,6,8",
     group_size: GroupSizeOpt = None,
     prune_method: PruneMethodOpt = "whitened",
+    sensitivity: SensitivityOpt = "auto",
     metric: MetricOpt = "auto",
     samples: SamplesOpt = 128, seq_len: SeqLenOpt = 128, batch_size: BatchSizeOpt = 8, seed: SeedOpt = 0,
     include: IncludeOpt = None, exclude: ExcludeOpt = None, arch: ArchOpt = None,
@@ -287,6 +288,7 @@ def compress_cmd(
         raise InputError(f"--tolerance must be a positive finite number (0.02 = 2%), got {tolerance}")
     if prune_method not in ("whitened", "spectral"):
         raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
+    check_sensitivity(sensitivity)
     ms = parse_methods(methods)
     bits = parse_bits_choices(bits_choices)
     group_sizes = group_sizes_from(group_size)
@@ -300,7 +302,8 @@ def compress_cmd(
     try:
         doc = compress(loaded, spec, tolerance, out, include=include, exclude=exclude, device=device,
                        metric=metric, methods=ms, bits_choices=bits, group_sizes=group_sizes,
-                       prune_method=prune_method, overwrite=overwrite, export_dense=dense, inputs=inputs,
+                       prune_method=prune_method, sensitivity=sensitivity, overwrite=overwrite,
+                       export_dense=dense, inputs=inputs,
                        log=ctx.info, warn=ctx.warn)
     except ToleranceExceeded as err:
         ctx.emit(err.result, render_compress)

@@ -23,6 +23,17 @@ BitsChoicesOpt = Annotated[str, typer.Option("--bits-choices", help="Bit-widths 
 GroupSizeOpt = Annotated[Optional[int], typer.Option("--group-size", help="Group size for per-group scales "
                                                      "(0 = per-channel only; default: per-channel and 128).")]
 PruneMethodOpt = Annotated[str, typer.Option("--prune-method", help="Low-rank truncation: whitened or spectral.")]
+SensitivityOpt = Annotated[str, typer.Option(
+    "--sensitivity", help="Per-layer sensitivities: gradient (Gauss–Newton, a few backward passes), probe (one "
+                          "layer perturbed at a time), or auto (gradient where defined, else probe).")]
+
+
+def check_sensitivity(mode: str) -> None:
+    from ..errors import InputError
+    from ..recommender import SENSITIVITY_MODES
+
+    if mode not in SENSITIVITY_MODES:
+        raise InputError(f"--sensitivity takes {', '.join(SENSITIVITY_MODES)}, got {mode!r}")
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -83,6 +94,7 @@ def recommend_cmd(
     bits_choices: BitsChoicesOpt = "2,3,4,5,6,8",
     group_size: GroupSizeOpt = None,
     prune_method: PruneMethodOpt = "whitened",
+    sensitivity: SensitivityOpt = "auto",
     metric: MetricOpt = "auto",
     samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 128,
@@ -111,6 +123,7 @@ def recommend_cmd(
         raise InputError(f"--tolerance must be a positive finite number (0.02 = 2%), got {tolerance}")
     if prune_method not in ("whitened", "spectral"):
         raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
+    check_sensitivity(sensitivity)
     ms = parse_methods(methods)
     bits = parse_bits_choices(bits_choices)
     group_sizes = group_sizes_from(group_size)
@@ -127,12 +140,14 @@ def recommend_cmd(
     calib = spec.calibration(loaded.tokenizer) if data else None
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=ms, bits_choices=bits,
                      group_sizes=group_sizes, prune_method=prune_method,
-                     source=loaded.source, seed=seed)
+                     source=loaded.source, seed=seed, sensitivity=sensitivity)
     from ..distributed import is_main
 
     if out is not None and is_main():
         plan.save(out, inputs=inputs, overwrite=overwrite)
     doc = plan.to_dict()
+    if plan.details.get("sensitivity"):
+        ctx.info(f"sensitivities: {plan.details['sensitivity']}")
     if plan.details.get("warning"):
         ctx.warn(plan.details["warning"])
     ctx.emit(doc, render_plan)

@@ -91,6 +91,12 @@ def test_unparseable_value_is_exit_1_and_one_line(cmd, opts, expect):
     assert res.stdout == ""
 
 
+@pytest.mark.parametrize("cmd", ["recommend", "compress"])
+def test_unknown_sensitivity_mode_is_refused_before_any_work(cmd):
+    res = invoke([*BASE[cmd], "--sensitivity", "fast"], code=1)
+    assert one_error_line(res.stderr) == "--sensitivity takes auto, gradient, probe, got 'fast'"
+
+
 @pytest.mark.parametrize("cmd", ["analyze", "evaluate", "quantize", "recommend"])
 def test_unparseable_value_with_json_format_leaves_stdout_empty(cmd):
     opt = ["--tolerance", "abc"] if cmd == "recommend" else ["--bits", "x"] if cmd == "quantize" else \

@@ -103,7 +103,7 @@ def test_evaluate_torchrun_stderr_matches_single_process(tiny_dirs, small_text_f
 
 
 def test_recommend_sensitivities_torchrun_match_single_process(tiny_dirs, small_text_file, tmp_path):
-    # batch size 2: the sensitivity probe measures on 4 windows, which must make ≥ 1 batch per rank
+    # batch size 2: the sensitivity windows (4) make ≥ 1 batch per rank
     args = ["recommend", str(tiny_dirs["llama"]), "--data", str(small_text_file), "--samples", "32",
             "--seq-len", "32", "--batch-size", "2", "--tolerance", "0.05", "--format", "json"]
     _run([*args, "--out", str(tmp_path / "single.json")])
@@ -117,5 +117,12 @@ def test_recommend_sensitivities_torchrun_match_single_process(tiny_dirs, small_
             assert pa["kind"] == pb["kind"]
             assert pb["distortion"] == pytest.approx(pa["distortion"], rel=1e-6)
             assert pb["delta"] == pytest.approx(pa["delta"], rel=1e-5, abs=1e-12), name
-    assert b["layers"] == a["layers"]
+    # the same plan; its per-layer shares agree to float rounding (the gradient sensitivities run on every
+    # rank, whose thread count differs from the single process's)
+    assert b["layers"].keys() == a["layers"].keys()
+    for name, la in a["layers"].items():
+        lb = b["layers"][name]
+        assert {k: v for k, v in lb.items() if k != "predicted_delta"} == \
+            {k: v for k, v in la.items() if k != "predicted_delta"}, name
+        assert lb["predicted_delta"] == pytest.approx(la["predicted_delta"], rel=1e-6, abs=1e-15), name
     assert b["predicted_delta"] == pytest.approx(a["predicted_delta"], rel=1e-6, abs=1e-12)

@@ -84,7 +84,7 @@ def llama_setup(tiny_dirs, small_text_file):
 def test_prune_probe_is_the_real_truncation_floored_by_the_curvature(llama_setup):
     loaded, calib, analysis = llama_setup
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    rec = Recommender(analysis, loaded.model, calib, sensitivity_samples=4, verify_samples=8)
+    rec = Recommender(analysis, loaded.model, calib, sensitivity_samples=4, verify_samples=8, sensitivity="probe")
     probe_eval = Evaluator(loaded.model, calib, description="reference")
     # re-measure one layer's truncation probe by hand on the same 4 windows
     from specprune.recommender import _subset
@@ -150,3 +150,7 @@ def test_truncation_distortion_closed_form_matches_the_truncated_weight(shape, m
     for k in (1, 10, min(shape) - 1):
         direct = g.distortion(g.low_rank_delta(method, k))
         assert g.truncation_distortion(method, k) == pytest.approx(direct, rel=1e-5)
+        # quantized factors: ‖A (B M) − W M‖² is the distortion of A B − W
+        a, b = g.factors(method, k)
+        aq, bq = a + 0.01 * torch.randn_like(a), b + 0.01 * torch.randn_like(b)
+        assert g.factored_distortion(aq, bq) == pytest.approx(g.distortion(aq @ bq - g.w), rel=1e-5)
