@@ -58,7 +58,7 @@ def one_depth(depth: int, hidden: int, rounds: int, seq: int) -> dict:
     for _ in range(rounds):
         t = time.perf_counter()
         sens["gradient"] = curvature.gradient_sensitivities(rec.layers, rec.geoms, probe_windows.batches,
-                                                            "output-mse", model, "whitened")
+                                                            "output-mse", model, "whitened")[0]
         times["gradient"].append(time.perf_counter() - t)
         t = time.perf_counter()
         ev = Evaluator(model, probe_windows)

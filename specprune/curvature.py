@@ -253,7 +253,7 @@ def _reference(metric, out, batch, gen) -> float:
 
 def gradient_sensitivities(layers: list[TargetLayer], geoms: dict, batches: list[dict], metric: str,
                            model: nn.Module, prune_method: str | None, *, draws: int = DRAWS, seed: int = 0,
-                           device=None) -> dict:
+                           device=None) -> tuple[dict, dict[str, str]]:
     """The per-layer response laws of :func:`specprune.sensitivity.measure_sensitivities`, from the same
     perturbations (RTN int-5 and int-2 per channel; truncations at half the break-even rank and at 3/4 of
     full rank) scored by :func:`gauss_newton_scores` on ``batches`` instead of one forward pass per
@@ -262,7 +262,7 @@ def gradient_sensitivities(layers: list[TargetLayer], geoms: dict, batches: list
 
     Layers that no backward pass reached (the output does not read them, or reads them only through
     ``no_grad``/``detach``) and layers with a non-finite score (a float16 backward pass that overflowed)
-    are left out of the result: the caller probes them."""
+    are left out: returns ({name: LayerSensitivity}, {left-out name: why}), and the caller probes them."""
     from .compress.quantize import quantization_error
     from .sensitivity import PROBE_BITS, LayerSensitivity, _response_law, truncation_law, truncation_ranks
 
@@ -292,11 +292,15 @@ def gradient_sensitivities(layers: list[TargetLayer], geoms: dict, batches: list
         dist.update({n: [geoms[n].distortion(dw) for dw in d[: len(PROBE_BITS)]] for n, d in deltas.items()})
         scores.update(gauss_newton_scores(model, chunk, deltas, batches, metric, device, draws=draws, seed=seed))
         del deltas
-    out = {}
+    out, skipped = {}, {}
     for lay in layers:
         g, sc = geoms[lay.name], scores[lay.name]
         curv, first, se = sc["curvature"], sc["first"], sc["stderr"]
-        if not sc["reached"] or not (np.isfinite(curv).all() and np.isfinite(first).all()):
+        if not sc["reached"]:
+            skipped[lay.name] = "no backward pass reached it"
+            continue
+        if not (np.isfinite(curv).all() and np.isfinite(first).all()):
+            skipped[lay.name] = "non-finite scores"
             continue
         probes = [{"kind": "quant", "bits": b, "distortion": dist[lay.name][i],
                    "delta": float(curv[i]), "stderr": _finite(se[i]), "method": "gauss-newton"}
@@ -312,7 +316,7 @@ def gradient_sensitivities(layers: list[TargetLayer], geoms: dict, batches: list
             truncation_law(sens, g, prune_method, k1, float(curv[i] + first[i]), float(curv[i]), k2, light,
                            se_light)
         out[lay.name] = sens
-    return out
+    return out, skipped
 
 
 def _finite(x) -> float | None:

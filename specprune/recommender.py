@@ -348,10 +348,11 @@ class Recommender:
             raise InputError(f"--sensitivity gradient is not defined here: {why}; use --sensitivity probe")
         probed = self.layers
         sens: dict[str, LayerSensitivity] = {}
+        skipped: dict[str, str] = {}
         if mode != "probe" and not why:
             try:
-                sens = curvature.gradient_sensitivities(self.layers, self.geoms, windows.batches, name, self.model,
-                                                        self.prune_method, seed=seed)
+                sens, skipped = curvature.gradient_sensitivities(self.layers, self.geoms, windows.batches, name,
+                                                                 self.model, self.prune_method, seed=seed)
             except RuntimeError as err:
                 if mode == "gradient":
                     raise InputError(f"the gradient sensitivities failed ({type(err).__name__}: "
@@ -359,8 +360,14 @@ class Recommender:
                 self.details["sensitivity_fallback"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             probed = [lay for lay in self.layers if lay.name not in sens]
         label = f"gradient ({curvature.DRAWS} Gauss–Newton draws per window)"
-        self.details["sensitivity"] = "probe" if len(probed) == len(self.layers) else label if not probed else \
-            f"{label}; probes for {len(probed)} layer(s) the backward passes did not score"
+        if probed and sens:  # some layers probed: say which and why (a pooler the output never reads, ...)
+            reasons = {}
+            for lay in probed:
+                reasons.setdefault(skipped.get(lay.name, "not scored"), []).append(lay.name)
+            label += "; probed: " + "; ".join(
+                f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} ({why})"
+                for why, names in reasons.items())
+        self.details["sensitivity"] = "probe" if len(probed) == len(self.layers) else label
         if probed:
             if sens:
                 self.details["probed_layers"] = [lay.name for lay in probed]

@@ -298,7 +298,7 @@ def test_layers_behind_no_grad_or_detach_are_probed(how):
     recs = _tensor_recommenders(model, data)
     grad, probe = recs["gradient"], recs["probe"]
     assert grad.details["probed_layers"] == ["backbone.0", "backbone.2"]
-    assert "probes for 2 layer(s)" in grad.details["sensitivity"]
+    assert grad.details["sensitivity"].endswith("; probed: backbone.0, backbone.2 (no backward pass reached it)")
     for name in ("backbone.0", "backbone.2"):
         assert grad.sens[name].quant > 1e-6  # felt by the output: not the 1e-12 of an unreached layer
         assert grad.sens[name].to_dict() == probe.sens[name].to_dict()
@@ -333,6 +333,7 @@ def test_non_finite_scores_are_probed_not_allocated():
     recs = _tensor_recommenders(model, data)
     grad = recs["gradient"]
     assert grad.details["probed_layers"] == ["a"]
+    assert grad.details["sensitivity"].endswith("; probed: a (non-finite scores)")
     assert all(math.isfinite(s.quant) and math.isfinite(s.prune) for s in grad.sens.values())
     assert grad.sens["a"].to_dict() == recs["probe"].sens["a"].to_dict()
     plan = grad.plan(0.05)
