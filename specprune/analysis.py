@@ -515,12 +515,15 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     from .data import Batches, from_iterable, load_data
     from .distributed import all_reduce_scalars, is_distributed, shard, solve_on_main
     from .memory import choose_solver
-    from .models import model_device, num_parameters, resolve_device
+    from .models import eval_mode, model_device, num_parameters, resolve_device
     from .probe import run_probe
     from .progress import track
     from .randomized import DEFAULT_THRESHOLD
 
     t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"analyze takes the model as a torch.nn.Module, got {type(model).__name__} (load a "
+                         "checkpoint with specprune.models.load_model, or use the CLI)")
     if isinstance(data, (str, Path)) or (isinstance(data, (list, tuple)) and data
                                           and isinstance(data[0], (str, Path))):
         paths = [data] if isinstance(data, (str, Path)) else list(data)
@@ -546,8 +549,8 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
             dev = torch.device("cuda", torch.cuda.current_device())
         target = dev or original
     moved = dev is not None and dev != original
-    was_training = model.training
-    model.eval()
+    modes = contextlib.ExitStack()
+    modes.enter_context(eval_mode(model))  # every submodule's mode is restored in ``finally``
     members: dict[str, list[TargetLayer]] = {}
     try:
         use_offload, memory = _plan_memory(model, layers, batches, target, dispatched, moved, offload,
@@ -597,7 +600,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     finally:
         if moved:
             model.to(original)
-        model.train(was_training)
+        modes.close()
     calib = batches.describe()
     info = {"source": source or type(model).__name__, "num_parameters": num_parameters(model),
             "architecture": type(model).__name__, "fingerprint": _fingerprint(model)}

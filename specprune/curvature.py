@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import HFConv1DAdapter, LinearAdapter, TargetLayer
+from .models import eval_mode
 from .progress import track
 
 DRAWS = 16
@@ -228,7 +229,7 @@ def _score_batch(model, chunk_layers, scores, batch, metric, device, draws, gen)
         pending.clear()
 
     try:
-        with _frozen(model), torch.enable_grad():
+        with _frozen(model), eval_mode(model), torch.enable_grad():
             for lay in chunk_layers:
                 handles.append(lay.module.register_forward_hook(tap(lay.name)))
             out = output_tensor(forward(model, b))

@@ -315,11 +315,23 @@ def from_iterable(data: Iterable[Any], seed: int = 0) -> Batches:
     """Wrap any iterable of batches (tensors or dicts of tensors) from the Python API."""
     if isinstance(data, Batches):
         return data
+    if data is None:
+        raise InputError("no data: pass an iterable of batches (tensors or dicts of tensors)")
+    if isinstance(data, (torch.Tensor, dict)):  # one batch, not an iterable of rows or keys
+        data = [data]
+    try:
+        items = iter(data)
+    except TypeError:
+        raise InputError(f"data must be an iterable of batches (tensors or dicts of tensors), got "
+                         f"{type(data).__name__}") from None
     batches: list[dict[str, torch.Tensor]] = []
-    for item in data:
+    for item in items:
         if isinstance(item, torch.Tensor):
             batches.append({"input": item})
         elif isinstance(item, dict):
+            if not any(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in item.values()):
+                raise InputError(f"a data batch (dict) must hold tensors, got keys {sorted(map(str, item))[:5]} "
+                                 "without one")
             batches.append(dict(item))
         elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
             b = {"input": item[0]}
@@ -330,7 +342,8 @@ def from_iterable(data: Iterable[Any], seed: int = 0) -> Batches:
             raise InputError(f"a data batch must be a tensor or a dict of tensors, got {type(item).__name__}")
     if not batches:
         raise InputError("the data iterable is empty")
-    samples = sum(int(next(iter(b.values())).shape[0]) for b in batches)
+    samples = sum(int(next(v for v in b.values() if isinstance(v, torch.Tensor) and v.dim() >= 1).shape[0])
+                  for b in batches)
     seq = None
     if "input_ids" in batches[0] and batches[0]["input_ids"].dim() == 2:
         seq = int(batches[0]["input_ids"].shape[1])

@@ -16,6 +16,7 @@ variants against it (what sweeps and calibration need).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from torch import nn
 from .data import Batches, forward, to_device
 from .distributed import all_reduce_scalars, shard
 from .errors import InputError
+from .models import eval_mode
 from .progress import track
 
 METRICS = ("auto", "lm-loss", "task-loss", "output-mse")
@@ -289,7 +291,7 @@ class Evaluator:
             self._custom = metric_function(self.metric)
         self._ref_outputs: list[torch.Tensor] = []
         self.last_stderr: float = float("nan")
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(reference):  # no dropout; the caller's modes come back
             if self.metric == "output-mse":
                 parts = []
                 for b in track(self._mine, description):
@@ -305,9 +307,13 @@ class Evaluator:
         self.count = count
         self.reference_sum = total
         self.reference_value = total / count
-        if not (self.reference_value == self.reference_value) or self.reference_value == 0:
-            raise InputError(f"the reference {self.metric} is {self.reference_value}: a relative delta "
-                             "is undefined (check the data and the model)")
+        if not math.isfinite(self.reference_value):
+            raise InputError(f"the reference {self.metric} is {self.reference_value}: the model's outputs on this "
+                             "data are not finite — check the data for NaN or Inf values (analyze leaves such "
+                             "batches out; a metric cannot)")
+        if self.reference_value == 0:
+            raise InputError(f"the reference {self.metric} is 0: a relative delta is undefined (check the data "
+                             "and the model)")
 
     def _sum(self, model, batch) -> tuple[float, int]:
         if self._custom is not None:
@@ -322,7 +328,7 @@ class Evaluator:
             raise InputError(f"the model ({type(model).__name__}) has no language-model head, unlike the "
                              "reference: lm-loss cannot compare them; compare a compressed model with the "
                              "model it was made from (the same architecture)")
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             if self.metric == "output-mse":
                 return [float((_same_shape(_masked_output(model, b, self.device), ref).double()
                                - ref.double()).pow(2).sum())
@@ -370,6 +376,9 @@ def evaluate(model: nn.Module, data, reference: nn.Module | None = None, metric:
     (the model is its own reference) and ``value`` is the metric itself."""
     from .data import from_iterable
 
+    for what, m in (("model", model), ("reference", reference)):
+        if m is not None and not isinstance(m, nn.Module):
+            raise InputError(f"evaluate takes the {what} as a torch.nn.Module, got {type(m).__name__}")
     batches = data if isinstance(data, Batches) else from_iterable(data)
     t0 = time.perf_counter()
     ev = Evaluator(reference if reference is not None else model, batches, metric, device)

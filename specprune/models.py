@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import importlib
 import json
@@ -302,6 +304,21 @@ def num_parameters(model: nn.Module) -> int:
         seen.add(p.data_ptr())
         total += p.numel()
     return total
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode inside the block (no dropout, BatchNorm statistics frozen), and every
+    submodule's own ``training`` flag restored afterwards — also a BatchNorm the caller froze inside a
+    model in train mode."""
+    flags = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    try:
+        if flags and any(flag for _, flag in flags):
+            model.eval()
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -47,21 +47,27 @@ class DataSpec:
         return [*(self.data or []), *(self.eval_data or [])]
 
 
+def source_model(analysis: Analysis, what: str = "the analysis", arch=None, trust: bool = False) -> LoadedModel:
+    """The model an analysis was made on, loaded from its recorded source; refused when the weights
+    there are no longer those the analysis saw (fingerprints differ)."""
+    src = analysis.model.get("source")
+    if not src or not Path(src).exists():
+        raise InputError(f"{what} names source model {src!r}, which is not found: pass the model")
+    loaded = load_model(src, arch=arch, trust_remote_code=trust)
+    made_for = analysis.model.get("fingerprint")
+    if made_for and made_for != fingerprint(loaded.model):
+        raise InputError(f"{what} was made for other weights than those now at {src} "
+                         "(fingerprints differ); re-run specprune analyze on the model")
+    return loaded
+
+
 def analysis_or_model(target: str, arch, trust, include, exclude, device, spec: DataSpec,
                       log=lambda m: None) -> tuple[Analysis, LoadedModel]:
     """``recommend ANALYSIS_DIR|MODEL``: load a saved analysis (and its source model) or analyze."""
     p = Path(target)
     if p.is_dir() and (p / "analysis.json").exists():
         analysis = Analysis.load(p)
-        src = analysis.model.get("source")
-        if not src or not Path(src).exists():
-            raise InputError(f"the analysis in {target} names source model {src!r}, which is not found")
-        loaded = load_model(src, arch=arch, trust_remote_code=trust)
-        made_for = analysis.model.get("fingerprint")
-        if made_for and made_for != fingerprint(loaded.model):
-            raise InputError(f"the analysis in {target} was made for other weights than those now at {src} "
-                             "(fingerprints differ); re-run specprune analyze on the model")
-        return analysis, loaded
+        return analysis, source_model(analysis, f"the analysis in {target}", arch, trust)
     loaded = load_model(target, arch=arch, trust_remote_code=trust)
     calib = spec.calibration(loaded.tokenizer)
     log(f"analysing {target}: {calib.samples} windows, {calib.tokens} tokens")

@@ -30,6 +30,7 @@ tolerance at the smallest size.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -292,6 +293,13 @@ class Recommender:
             raise InputError("recommend needs the model (it is read from the analysis' source when not given)")
         self.analysis, self.model, self.source = analysis, model, source
         self.prune_method = prune_method if "prune" in methods else None
+        if not isinstance(model, nn.Module):
+            raise InputError(f"recommend takes the model as a torch.nn.Module, got {type(model).__name__}")
+        names = {n for n, _ in model.named_modules()}
+        missing = [lay.name for lay in analysis.layers if lay.name not in names]
+        if missing:
+            raise InputError(f"the model has no layer {missing[0]!r} of the analysis ({len(missing)} missing): pass "
+                             "the model the analysis was made on")
         self.layers = select_layers(model, include=[lay.name for lay in analysis.layers])
         self.geoms: dict[str, LayerGeometry] = {}
         self.options: dict[str, list[Option]] = {}
@@ -540,8 +548,14 @@ def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=N
     """A per-layer plan for ``tolerance`` (relative metric increase). With ``model`` and ``data``
     the prediction is calibrated by measurement (see module docstring); without data it is the
     uncalibrated layer-local estimate (each layer's relative output distortion, summed)."""
-    if not tolerance > 0 or not math.isfinite(tolerance):
-        raise InputError(f"--tolerance must be > 0, got {tolerance}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not tolerance > 0 \
+            or not math.isfinite(tolerance):
+        raise InputError(f"--tolerance must be a number > 0, got {tolerance!r}")
+    if model is None:  # the contract's default: the model the analysis was made on, from its recorded source
+        from .pipeline import source_model
+
+        src = source_model(analysis, "the analysis")
+        model, source = src.model, source or src.source
     rec = Recommender(analysis, model, data, metric=metric, methods=methods, bits_choices=bits_choices,
                       group_sizes=group_sizes, prune_method=prune_method,
                       sensitivity_samples=sensitivity_samples, verify_samples=verify_samples, source=source,

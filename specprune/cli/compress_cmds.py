@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -91,7 +92,7 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     import time
 
     from ..analysis import Analysis
-    from ..compress.apply import apply_, get_compressor, plan_size
+    from ..compress.apply import IdentityCovarianceWarning, apply_, get_compressor, plan_size
     from ..compress.saved import save_compressed
     from ..errors import InputError, RefusedError
     from ..io import check_output_path, output_dir
@@ -121,8 +122,14 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
                     for lp in plan.layers.values())
     if analysis is None and data and needs_cov:
         batches = DataSpec(data, None, samples, seq_len, batch_size, seed).calibration(loaded.tokenizer)
-    apply_(loaded.model, plan, analysis=analysis, data=batches, quantizer=quantizer)
+    with warnings.catch_warnings():  # the CLI says it in one line (below), not as a Python warning
+        warnings.simplefilter("ignore", IdentityCovarianceWarning)
+        apply_(loaded.model, plan, analysis=analysis, data=batches, quantizer=quantizer)
     covariance = (plan.details.get("applied") or {}).get("covariance", "none")
+    identity = (plan.details.get("applied") or {}).get("identity_layers") or []
+    if identity:
+        ctx.warn(f"{len(identity)} low-rank layer(s) truncated by a plain SVD of W (no --analysis or --data "
+                 "for their input covariance)")
     if quantizer != "rtn":
         plan.details["quantizer"] = quantizer
     plan.size = plan_size(loaded.model, plan) if not plan.size else plan.size

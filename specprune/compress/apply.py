@@ -44,8 +44,10 @@ compressors with ``low_rank = False`` that zero weights in place.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,10 @@ def _resolved_rank(lp: LayerPlan, d_in: int, d_out: int, low_rank: bool) -> int 
     if lp.prune_rate and lp.prune_rate > 0:
         return rank_for_rate(d_in, d_out, float(lp.prune_rate))
     return None
+
+
+class IdentityCovarianceWarning(UserWarning):
+    """A covariance-weighted truncation was applied without a covariance (Σ = I)."""
 
 
 def plan_size(model: nn.Module, plan: Plan) -> dict:
@@ -290,15 +296,15 @@ def _eigenpairs(gram: torch.Tensor, tokens: int) -> _Cov:
 def _covariances_from_data(model: nn.Module, targets: list[TargetLayer], data: Any,
                            device: torch.device | None) -> dict[str, _Cov]:
     from ..data import Batches, from_iterable
-    from ..models import model_device
+    from ..models import eval_mode, model_device
     from ..probe import run_probe
 
     batches = data if isinstance(data, Batches) else from_iterable(data)
     original = model_device(model)
     dev = device or original
     moved = dev != original
-    was_training = model.training
-    model.eval()
+    modes = contextlib.ExitStack()
+    modes.enter_context(eval_mode(model))  # every submodule's mode is restored in ``finally``
     try:
         if moved:
             model.to(dev)
@@ -316,7 +322,7 @@ def _covariances_from_data(model: nn.Module, targets: list[TargetLayer], data: A
     finally:
         if moved:
             model.to(original)
-        model.train(was_training)
+        modes.close()
     return out
 
 
@@ -476,6 +482,11 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
                     module.to(home)
         identity_layers = [t.name for t in cov_targets if t.name not in covs]
         plan.details["applied"] = {"covariance": source, "identity_layers": identity_layers}
+        if identity_layers:
+            warnings.warn(IdentityCovarianceWarning(
+                f"{len(identity_layers)} low-rank layer(s) (e.g. {identity_layers[0]}) need their input covariance "
+                f"and neither analysis= nor data= was given: they were truncated by a plain SVD of W (Σ = I), not "
+                f"as the plan's prediction assumes; pass analysis= (from analyze) or data="), stacklevel=2)
     except BaseException:
         for snap in reversed(snapshots):
             snap.restore()

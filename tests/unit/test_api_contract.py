@@ -1,0 +1,123 @@
+"""The Python API as a notebook or a training script calls it (contract: "Python API"): models in train
+mode, the default model of ``recommend``, ``apply_`` without a covariance, data in plain forms."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import specprune
+from specprune.errors import InputError
+
+
+def _batches(n=4, bs=32, d=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(bs, d, generator=g) for _ in range(n)]
+
+
+def _mlp(train: bool) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 8))
+    return m.train(train)
+
+
+def test_a_model_in_train_mode_is_measured_in_eval_mode_and_left_in_train_mode():
+    m = _mlp(train=True)
+    data = _batches()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    e = specprune.evaluate(m, data, reference=m)
+    assert e.measured_delta == 0.0  # no dropout: the model equals itself
+    assert specprune.evaluate(m, data).reference_value == specprune.evaluate(m, data).reference_value
+    analysis = specprune.analyze(m, data)
+    plan = specprune.recommend(analysis, 0.05, model=m, data=data)
+    assert all(mod.training for mod in m.modules())
+    # BatchNorm statistics untouched by any of it
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    ref = specprune.recommend(analysis, 0.05, model=_mlp(train=False), data=data)
+    assert plan.predicted_delta == pytest.approx(ref.predicted_delta, rel=1e-6)
+    assert {n: (lp.bits, lp.rank) for n, lp in plan.layers.items()} == \
+        {n: (lp.bits, lp.rank) for n, lp in ref.layers.items()}
+
+
+def test_each_submodule_keeps_its_own_mode():
+    """A BatchNorm frozen in eval mode inside a model in train mode stays frozen after analyze."""
+    m = _mlp(train=True)
+    m[1].eval()
+    specprune.analyze(m, _batches())
+    specprune.evaluate(m, _batches(), reference=m)
+    assert m.training and not m[1].training and m[3].training
+
+
+def test_recommend_without_a_model_reads_the_analysis_source(tiny_dirs, small_text_file, tmp_path):
+    from specprune.data import load_data
+    from specprune.models import load_model
+
+    loaded = load_model(str(tiny_dirs["bert"]))
+    calib = load_data([small_text_file], loaded.tokenizer, samples=8, seq_len=32, batch_size=4)
+    analysis = specprune.analyze(loaded.model, calib, source=loaded.source)
+    plan = specprune.recommend(analysis, 0.05, data=calib)
+    assert plan.model["source"] == loaded.source
+    assert plan.predicted_delta == pytest.approx(
+        specprune.recommend(analysis, 0.05, model=loaded.model, data=calib).predicted_delta, rel=1e-9)
+    nowhere = specprune.analyze(loaded.model, calib)  # source: the class name, not a path
+    with pytest.raises(InputError, match="names source model 'BertModel', which is not found: pass the model"):
+        specprune.recommend(nowhere, 0.05, data=calib)
+    with pytest.raises(InputError, match="--tolerance must be a number > 0, got '5%'"):
+        specprune.recommend(analysis, "5%", data=calib)
+
+
+def test_apply_without_a_covariance_warns(tmp_path):
+    from specprune.plan import LayerPlan, Plan
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    plan = Plan(model={}, tolerance=0.05, metric="output-mse",
+                layers={"0": LayerPlan(method="whitened", rank=8)})
+    with pytest.warns(specprune.compress.apply.IdentityCovarianceWarning, match="plain SVD of W"):
+        specprune.apply_(m, plan)
+    assert plan.details["applied"]["covariance"] == "identity"
+    m2 = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        specprune.apply_(m2, Plan(model={}, tolerance=0.05, metric="output-mse",
+                                  layers={"0": LayerPlan(method="whitened", rank=8)}), data=_batches())
+
+
+def test_data_in_plain_forms():
+    m = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 32)
+    one = specprune.analyze(m, x)  # a bare tensor is one batch, not 64 batches of one row
+    listed = specprune.analyze(m, [x])
+    assert one.calibration["samples"] == listed.calibration["samples"] == 64
+    assert [lay.tokens for lay in one.layers] == [64, 64]
+    assert specprune.analyze(m, {"input": x}).calibration["samples"] == 64
+    with pytest.raises(InputError, match="no data: pass an iterable of batches"):
+        specprune.analyze(m, None)
+    with pytest.raises(InputError, match="data must be an iterable of batches .* got int"):
+        specprune.evaluate(m, 3)
+
+
+def test_non_finite_outputs_are_named_as_such():
+    m = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = torch.randn(8, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(InputError, match="not finite — check the data for NaN or Inf values"):
+        specprune.evaluate(m, [x], reference=m)
+
+
+def test_wrong_kinds_of_argument_are_one_clear_error(tiny_dirs, small_text_file):
+    m = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = _batches(n=2, bs=16)
+    with pytest.raises(InputError, match="analyze takes the model as a torch.nn.Module, got str"):
+        specprune.analyze("./my-model", data)
+    with pytest.raises(InputError, match="evaluate takes the reference as a torch.nn.Module, got str"):
+        specprune.evaluate(m, data, reference="./my-model")
+    with pytest.raises(InputError, match=r"a data batch \(dict\) must hold tensors"):
+        specprune.analyze(m, [{}])
+    analysis = specprune.analyze(m, data)
+    other = nn.Sequential(nn.Linear(32, 4))
+    with pytest.raises(InputError, match="the model has no layer '2' of the analysis .*the analysis was made on"):
+        specprune.recommend(analysis, 0.05, model=other, data=data)
