@@ -24,7 +24,7 @@ from scipy import special
 
 from ..errors import SpecpruneError
 from .evolution import as_evolution
-from .frontier import KAPPA, asymptotics, rate_argmax_level
+from .frontier import KAPPA, _check_kappa, asymptotics, rate_argmax_level
 
 __all__ = ["LOG_TOL", "REGIMES", "Exponents", "classify_regime", "exponents"]
 
@@ -94,6 +94,7 @@ def exponents(a: float, b: float, g: Any = "ntk", t: float | None = None, kappa:
     a, b = _check_ab(a, b)
     if t is not None and not (math.isfinite(t) and t > 0):
         raise SpecpruneError(f"t must be positive and finite, got {t!r}")
+    kappa = _check_kappa(kappa)
     ev = as_evolution(g)
     asy = asymptotics(ev, t=t, kappa=kappa)
     rho = asy.rho

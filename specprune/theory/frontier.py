@@ -44,10 +44,16 @@ __all__ = [
 ]
 
 
+def _number(x: Any, what: str, minimum: float = 0.0) -> float:
+    """A finite real number > ``minimum`` (not a bool, not a string), or one clear error."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not math.isfinite(x) \
+            or x <= minimum:
+        raise SpecpruneError(f"{what} must be a finite number > {minimum:g}, got {x!r}")
+    return float(x)
+
+
 def _check_kappa(kappa: float) -> float:
-    if not (math.isfinite(kappa) and kappa > 0):
-        raise SpecpruneError(f"frontier level kappa must be positive, got {kappa!r}")
-    return float(kappa)
+    return _number(kappa, "frontier level kappa")
 
 
 def _positive(x: Any, what: str) -> np.ndarray:
@@ -115,13 +121,14 @@ def frontier_time(g: Any, lam: Any, kappa: float = KAPPA) -> np.ndarray:
 
 def k_star(g: Any, b: float, t: Any, kappa: float = KAPPA) -> np.ndarray:
     """Continuous frontier index k*(t) = λ*(t)^(−1/b) for λ_k = k^(−b)."""
-    return np.power(frontier_lambda(g, t, kappa), -1.0 / float(b))
+    b = _number(b, "b (eigen-exponent)")
+    return np.power(frontier_lambda(g, t, kappa), -1.0 / b)
 
 
 def t_at_k_star(g: Any, b: float, k: Any, kappa: float = KAPPA) -> np.ndarray:
     """The time at which the frontier reaches index k (inverse of :func:`k_star`)."""
     k = _positive(k, "k*")
-    return frontier_time(g, np.power(k, -float(b)), kappa)
+    return frontier_time(g, np.power(k, -_number(b, "b (eigen-exponent)")), kappa)
 
 
 def elasticities(g: Any, lam: Any, t: Any, h: float = _H) -> tuple[np.ndarray, np.ndarray]:

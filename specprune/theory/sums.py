@@ -60,8 +60,9 @@ class Spectrum:
                 raise SpecpruneError(f"{key} must be a number > 1 (power-law exponent), got {val!r}")
         if int(self.n_exact) < 1:
             raise SpecpruneError(f"n_exact must be >= 1, got {self.n_exact!r}")
-        if self.k_max is not None and int(self.k_max) < 1:
-            raise SpecpruneError(f"k_max must be >= 1, got {self.k_max!r}")
+        if self.k_max is not None and (isinstance(self.k_max, bool) or not isinstance(self.k_max, (int, np.integer))
+                                       or int(self.k_max) < 1):
+            raise SpecpruneError(f"k_max must be an integer >= 1 (or None for ∞), got {self.k_max!r}")
 
     @property
     def n(self) -> int:
@@ -248,6 +249,14 @@ def energy_beyond(spec: Spectrum, g: Any, t: float, kappa: float = KAPPA) -> dic
 
 
 def loglog_slope(x: Any, y: Any) -> float:
-    """Least-squares slope of ln y against ln x."""
-    lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
-    return float(np.polyfit(lx, ly, 1)[0])
+    """Least-squares slope of ln y against ln x (x and y positive and finite, at least two points)."""
+    try:
+        xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    except (TypeError, ValueError):
+        raise SpecpruneError("loglog_slope needs numbers") from None
+    if xs.shape != ys.shape or xs.ndim != 1 or xs.size < 2:
+        raise SpecpruneError(f"loglog_slope needs two 1-D arrays of the same length >= 2, got shapes {xs.shape} "
+                             f"and {ys.shape}")
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and np.all(xs > 0) and np.all(ys > 0)):
+        raise SpecpruneError("loglog_slope needs positive finite x and y")
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])

@@ -303,3 +303,30 @@ def test_theorem2_exact_form_by_monte_carlo():
     predicted = T.perturbation_excess_loss(spec, "ntk", t, sigma2, tau2)
     assert float(predicted) == pytest.approx(sigma2 * float(np.sum(f**2)) + tau2 * K * (1 + sigma2), rel=1e-9)
     assert np.mean(excess) == pytest.approx(float(predicted), rel=0.02)
+
+
+@pytest.mark.parametrize("b", [-1.0, 0, float("nan"), float("inf"), None, "5", True])
+def test_k_star_refuses_a_bad_eigen_exponent(b):
+    with pytest.raises(SpecpruneError, match=r"b \(eigen-exponent\) must be a finite number > 0"):
+        T.k_star("ntk", b, 10.0)
+    with pytest.raises(SpecpruneError, match=r"b \(eigen-exponent\) must be a finite number > 0"):
+        T.t_at_k_star("ntk", b, 10.0)
+
+
+@pytest.mark.parametrize("kappa", [0, -1.0, float("nan"), "1"])
+def test_exponents_refuse_a_bad_frontier_level(kappa):
+    with pytest.raises(SpecpruneError, match="frontier level kappa must be a finite number > 0"):
+        T.exponents(1.5, 2.0, "ntk", kappa=kappa)
+
+
+@pytest.mark.parametrize("x,y", [([1, 2, float("nan")], [1, 2, 3]), ([1, 2], [1, -2]), ([1], [1]),
+                                 ([1, 2, 3], [1, 2]), (["a", "b"], [1, 2])])
+def test_loglog_slope_refuses_what_has_no_log(x, y):
+    with pytest.raises(SpecpruneError, match="loglog_slope needs"):
+        T.loglog_slope(x, y)
+
+
+@pytest.mark.parametrize("k_max", [float("nan"), float("inf"), 2.5, 0, True])
+def test_spectrum_k_max_must_be_a_positive_integer(k_max):
+    with pytest.raises(SpecpruneError, match="k_max must be an integer >= 1"):
+        T.Spectrum(1.5, 2.0, k_max=k_max)
