@@ -30,6 +30,7 @@ the analysis reads a truncated spectrum:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -232,7 +233,12 @@ class Analysis:
                                      solver=dict(meta.get("solver", {})))
         layers = []
         fields = set(LayerAnalysis.__dataclass_fields__) - {"eigenvalues", "mode_energy"}
-        for ld in layers_doc:
+        required = {k for k, f in LayerAnalysis.__dataclass_fields__.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        for i, ld in enumerate(layers_doc):
+            if not isinstance(ld, dict) or not required <= set(ld):
+                lacking = sorted(required - set(ld)) if isinstance(ld, dict) else ["(not an object)"]
+                raise InputError(f"{jf} is not a specprune analysis: layer entry {i} lacks {', '.join(lacking[:5])}")
             kw = {k: v for k, v in ld.items() if k in fields}
             lay = LayerAnalysis(**kw)
             lay.mode_energy = arrays.get(f"layer.{lay.name}.mode_energy")

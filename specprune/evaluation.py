@@ -126,10 +126,17 @@ def _task_loss_sum(model, batch, device) -> tuple[float, int]:
     else:
         pred = output_tensor(model(b["input"]))
     pred = pred.float()
-    if labels.dtype in (torch.long, torch.int, torch.int32, torch.int64):
-        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), reduction="sum")
-        return float(loss.double()), int(labels.numel())
-    loss = F.mse_loss(pred, labels.float().reshape(pred.shape), reduction="sum")
+    try:
+        if labels.dtype in (torch.long, torch.int, torch.int32, torch.int64):
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= pred.shape[-1]):
+                raise InputError(f"class labels must lie in 0..{pred.shape[-1] - 1} (the model's {pred.shape[-1]} "
+                                 f"outputs), got {int(labels.min())}..{int(labels.max())}")
+            loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), reduction="sum")
+            return float(loss.double()), int(labels.numel())
+        loss = F.mse_loss(pred, labels.float().reshape(pred.shape), reduction="sum")
+    except (ValueError, RuntimeError) as err:  # shapes that do not match: one line, not torch's trace
+        raise InputError(f"the labels (shape {tuple(labels.shape)}) do not fit the model's output (shape "
+                         f"{tuple(pred.shape)}): {str(err).splitlines()[0][:160]}") from None
     return float(loss.double()), int(labels.shape[0])
 
 

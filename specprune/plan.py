@@ -92,6 +92,8 @@ class Plan:
                 "details": self.details}
 
     def save(self, path: str | Path, inputs=(), overwrite: bool = True) -> Path:
+        if Path(path).is_dir():
+            raise InputError(f"{path} is a directory: give the plan file's path (e.g. {Path(path) / 'plan.json'})")
         return write_atomic(path, dumps(self.to_dict()), inputs=inputs, overwrite=overwrite)
 
     @classmethod

@@ -286,6 +286,9 @@ class Recommender:
             raise InputError(f"prune method must be whitened or spectral, got {prune_method!r}")
         if sensitivity not in SENSITIVITY_MODES:
             raise InputError(f"--sensitivity takes {', '.join(SENSITIVITY_MODES)}, got {sensitivity!r}")
+        if not hasattr(analysis, "has_spectra") or not hasattr(analysis, "layers"):
+            raise InputError(f"recommend takes an Analysis (from specprune.analyze or Analysis.load), got "
+                             f"{type(analysis).__name__}")
         if not analysis.has_spectra:
             raise InputError("the analysis has no saved spectra (spectra.safetensors); re-run specprune analyze")
         analysis.require_full_spectra("recommend")

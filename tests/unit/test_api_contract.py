@@ -121,3 +121,31 @@ def test_wrong_kinds_of_argument_are_one_clear_error(tiny_dirs, small_text_file)
     other = nn.Sequential(nn.Linear(32, 4))
     with pytest.raises(InputError, match="the model has no layer '2' of the analysis .*the analysis was made on"):
         specprune.recommend(analysis, 0.05, model=other, data=data)
+
+
+def test_more_bad_inputs_are_one_clear_error(tmp_path):
+    from specprune.analysis import Analysis
+    from specprune.plan import Plan
+
+    m = nn.Sequential(nn.Linear(8, 3)).eval()
+    x = torch.randn(16, 8)
+    with pytest.raises(InputError, match="recommend takes an Analysis .* got NoneType"):
+        specprune.recommend(None, 0.05, model=m, data=[x])
+    with pytest.raises(InputError, match=r"class labels must lie in 0\.\.2"):
+        specprune.evaluate(m, [(x, torch.full((16,), 7))], reference=m)
+    with pytest.raises(InputError, match=r"the labels \(shape \(5,\)\) do not fit the model's output"):
+        specprune.evaluate(m, [(x, torch.zeros(5, dtype=torch.long))], reference=m)
+    with pytest.raises(InputError, match=r"the labels \(shape \(16, 2\)\) do not fit"):
+        specprune.evaluate(m, [(x, torch.zeros(16, 2))], reference=m)
+    with pytest.raises(InputError, match="is a directory: give the plan file's path"):
+        Plan(model={}, tolerance=0.05, metric="output-mse", layers={}).save(tmp_path)
+    specprune.analyze(m, [x]).save(tmp_path / "a")
+    doc = (tmp_path / "a" / "analysis.json").read_text()
+    import json
+
+    d = json.loads(doc)
+    for lay in d["layers"]:
+        del lay["d_in"]
+    (tmp_path / "a" / "analysis.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match="is not a specprune analysis: layer entry 0 lacks d_in"):
+        Analysis.load(tmp_path / "a")
