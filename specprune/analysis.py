@@ -521,7 +521,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     from .data import Batches, from_iterable, load_data
     from .distributed import all_reduce_scalars, is_distributed, shard, solve_on_main
     from .memory import choose_solver
-    from .models import eval_mode, model_device, num_parameters, resolve_device
+    from .models import eval_mode, model_device, num_parameters, resolve_device, unwrap
     from .probe import run_probe
     from .progress import track
     from .randomized import DEFAULT_THRESHOLD
@@ -530,6 +530,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     if not isinstance(model, nn.Module):
         raise InputError(f"analyze takes the model as a torch.nn.Module, got {type(model).__name__} (load a "
                          "checkpoint with specprune.models.load_model, or use the CLI)")
+    model = unwrap(model)
     if isinstance(data, (str, Path)) or (isinstance(data, (list, tuple)) and data
                                           and isinstance(data[0], (str, Path))):
         paths = [data] if isinstance(data, (str, Path)) else list(data)

@@ -306,6 +306,20 @@ def num_parameters(model: nn.Module) -> int:
     return total
 
 
+def unwrap(model):
+    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, so that layer names are those of the model itself (a
+    plan made on a wrapped model then applies to the saved checkpoint) and hooks see eager modules."""
+    for _ in range(8):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """The model in eval mode inside the block (no dropout, BatchNorm statistics frozen), and every

@@ -293,11 +293,14 @@ class Recommender:
             raise InputError("the analysis has no saved spectra (spectra.safetensors); re-run specprune analyze")
         analysis.require_full_spectra("recommend")
         if model is None:
-            raise InputError("recommend needs the model (it is read from the analysis' source when not given)")
-        self.analysis, self.model, self.source = analysis, model, source
-        self.prune_method = prune_method if "prune" in methods else None
+            raise InputError("Recommender needs the model (specprune.recommend reads it from the analysis' source)")
         if not isinstance(model, nn.Module):
             raise InputError(f"recommend takes the model as a torch.nn.Module, got {type(model).__name__}")
+        from .models import unwrap
+
+        model = unwrap(model)
+        self.analysis, self.model, self.source = analysis, model, source
+        self.prune_method = prune_method if "prune" in methods else None
         names = {n for n, _ in model.named_modules()}
         missing = [lay.name for lay in analysis.layers if lay.name not in names]
         if missing:

@@ -374,8 +374,11 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
     run — results go back to each module's own device; ``quantizer``: compressor used for
     ``bits`` (default ``rtn``). Fills ``plan.size`` (:func:`plan_size`, before the changes),
     resolved ranks, and ``plan.details["applied"]``. On failure the model and plan are unchanged."""
+    from ..models import unwrap
+
     plan = _as_plan(plan)
     dev = _resolve_device(device)
+    wrapper, model = model, unwrap(model)  # names are the model's own; the wrapper holds the same modules
     modules = dict(model.named_modules())
     for name, lp in plan.layers.items():
         lp.validate(name)
@@ -496,4 +499,4 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
                 setattr(lp, f.name, getattr(orig, f.name))
         plan.size, plan.details = original_size, original_details
         raise
-    return model
+    return wrapper

@@ -149,3 +149,26 @@ def test_more_bad_inputs_are_one_clear_error(tmp_path):
     (tmp_path / "a" / "analysis.json").write_text(json.dumps(d))
     with pytest.raises(InputError, match="is not a specprune analysis: layer entry 0 lacks d_in"):
         Analysis.load(tmp_path / "a")
+
+
+def test_wrapped_models_give_the_model_s_own_layer_names():
+    """nn.DataParallel (and torch.compile) wrappers are looked through: the analysis and the plan name
+    the layers as the unwrapped model does, so the plan applies to the saved checkpoint; apply_ changes
+    the wrapped model in place and returns the wrapper."""
+    from specprune.models import unwrap
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    wrapped = nn.DataParallel(inner)
+    assert unwrap(wrapped) is inner and unwrap(inner) is inner
+    data = _batches(n=2, bs=32)
+    analysis = specprune.analyze(wrapped, data)
+    assert [lay.name for lay in analysis.layers] == ["0", "2"]
+    plan = specprune.recommend(analysis, 0.05, model=wrapped, data=data)
+    assert set(plan.layers) == {"0", "2"}
+    assert any(not lp.is_noop for lp in plan.layers.values())
+    with torch.no_grad():
+        y0 = wrapped(data[0])
+        out = specprune.apply_(wrapped, plan, analysis=analysis)
+        assert out is wrapped
+        assert not torch.equal(y0, wrapped(data[0]))  # the wrapped model itself was compressed
