@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import SpecpruneError
 from .evolution import as_evolution
 from .exponents import _check_ab
-from .frontier import KAPPA, asymptotics, k_star
+from .frontier import KAPPA, _number, asymptotics, k_star
 
 __all__ = ["DensityLaw", "compute_optimal_exponent", "density", "density_exponent", "density_law"]
 
@@ -57,11 +57,14 @@ def density(C: Any, P: Any, b: float, g: Any = "ntk", capacity_per_param: float 
 
 def density_exponent(rho: float, b: float, s: float) -> float:
     """Uncapped α along P ∝ C^s: (ρ/b)(1 − s) − s."""
+    rho, b = _number(rho, "rho"), _number(b, "b")
+    s = _number(s, "s", -math.inf)
     return (rho / b) * (1.0 - s) - s
 
 
 def compute_optimal_exponent(rho: float, b: float) -> float:
     """s_opt = ρ/(b + ρ): P ∝ C^s_opt is where k*(C/P) meets the capacity K_max ∝ P."""
+    rho, b = _number(rho, "rho"), _number(b, "b")
     return rho / (b + rho)
 
 

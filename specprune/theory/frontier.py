@@ -199,6 +199,9 @@ def _tail_elasticities(g: Evolution, t: float, lam_front: float) -> tuple[float,
 def asymptotics(g: Any, t: float | None = None, kappa: float = KAPPA) -> Asymptotics:
     """ρ, m, n (frontier) and m_tail for g; local at ``t`` when given, else t → ∞."""
     g = as_evolution(g)
+    if t is not None:
+        _number(t, "t")
+    kappa = _check_kappa(kappa)
     if isinstance(g, Monomial):
         return Asymptotics(g.n / g.m, g.m, g.n, g.m, g.n, "analytic", True, t)
     if t is not None:
@@ -247,5 +250,6 @@ def rate_argmax_level(a: float, b: float, m: float) -> float | None:
     R(λ, t) = w_λ e^(−g) ∂_t g with w_λ ∝ λ^((a−b)/(2b)) gives d ln R/d ln λ = (a−b)/(2b) + m − m g,
     so the maximum sits at g = 1 − (b−a)/(2bm); there is no interior maximum (None) when
     2bm ≤ b − a. This is why the level set g = κ is used instead (correction 3)."""
+    a, b, m = _number(a, "a", 1.0), _number(b, "b", 1.0), _number(m, "m")
     level = 1.0 - (b - a) / (2.0 * b * m)
     return level if level > 0 else None

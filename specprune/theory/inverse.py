@@ -291,6 +291,10 @@ def identify(chi: float, chi_stderr: float, a: float, b: float, a_stderr: float 
     a, b = _check_ab(a, b)
     if not (math.isfinite(chi) and chi > 0):
         raise SpecpruneError(f"chi must be positive, got {chi!r}")
+    for name, v in (("chi_stderr", chi_stderr), ("a_stderr", a_stderr), ("b_stderr", b_stderr),
+                    ("gamma_stderr", gamma_stderr)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise SpecpruneError(f"{name} must be a finite number >= 0, got {v!r}")
     rho = chi * b / (a - 1.0)
     d_chi = b / (a - 1.0)
     d_b = chi / (a - 1.0)

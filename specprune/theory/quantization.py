@@ -122,8 +122,9 @@ def quantization_excess_loss(spec: Spectrum, g: Any, t: float, bits: Any, noise:
 
 def perturbation_excess_loss(spec: Spectrum, g: Any, t: Any, sigma2: float, tau2: float) -> Any:
     """Theorem 2, exact: ΔL = σ² Σf_k² + τ² K (1 + σ²) for an orthonormal basis (K = k_max)."""
-    if sigma2 < 0 or tau2 < 0:
-        raise SpecpruneError("noise variances must be non-negative")
+    for name, v in (("sigma2", sigma2), ("tau2", tau2)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise SpecpruneError(f"noise variance {name} must be a finite number >= 0, got {v!r}")
     K = _need_k_max(spec)
     return sigma2 * np.asarray(sum_f2(spec, g, t)) + tau2 * K * (1.0 + sigma2)
 

@@ -330,3 +330,19 @@ def test_loglog_slope_refuses_what_has_no_log(x, y):
 def test_spectrum_k_max_must_be_a_positive_integer(k_max):
     with pytest.raises(SpecpruneError, match="k_max must be an integer >= 1"):
         T.Spectrum(1.5, 2.0, k_max=k_max)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: T.perturbation_excess_loss(T.Spectrum(1.5, 2.0, k_max=100), "ntk", 10.0, float("nan"), 0.0),
+    lambda: T.perturbation_excess_loss(T.Spectrum(1.5, 2.0, k_max=100), "ntk", 10.0, 0.1, -1.0),
+    lambda: T.rate_argmax_level(-1.0, 2.0, 1.0),
+    lambda: T.rate_argmax_level(1.5, 2.0, float("inf")),
+    lambda: T.compute_optimal_exponent(0.5, float("nan")),
+    lambda: T.density_exponent(float("nan"), 2.0, 0.5),
+    lambda: T.asymptotics("monomial:m=2,n=1", t=-1.0),
+    lambda: T.identify(0.5, -0.1, 1.5, 2.0),
+], ids=["sigma2-nan", "tau2-negative", "argmax-a", "argmax-m", "s_opt-b", "alpha-rho", "asymptotics-t",
+        "identify-stderr"])
+def test_theory_helpers_refuse_values_outside_their_domain(call):
+    with pytest.raises(SpecpruneError, match="must be"):
+        call()
