@@ -58,6 +58,12 @@ MAX_ROUNDS = 5
 SENSITIVITY_MODES = ("auto", "gradient", "probe")
 
 
+def check_sensitivity_mode(mode: str) -> None:
+    """``--sensitivity`` takes one of :data:`SENSITIVITY_MODES` (checked by the CLI before any work)."""
+    if mode not in SENSITIVITY_MODES:
+        raise InputError(f"--sensitivity takes {', '.join(SENSITIVITY_MODES)}, got {mode!r}")
+
+
 @dataclass
 class Option:
     """One way to compress one layer."""
@@ -284,8 +290,7 @@ class Recommender:
             raise InputError(f"--bits-choices must be integers in 2..8, got {bits_choices}")
         if prune_method not in ("whitened", "spectral"):
             raise InputError(f"prune method must be whitened or spectral, got {prune_method!r}")
-        if sensitivity not in SENSITIVITY_MODES:
-            raise InputError(f"--sensitivity takes {', '.join(SENSITIVITY_MODES)}, got {sensitivity!r}")
+        check_sensitivity_mode(sensitivity)
         if not hasattr(analysis, "has_spectra") or not hasattr(analysis, "layers"):
             raise InputError(f"recommend takes an Analysis (from specprune.analyze or Analysis.load), got "
                              f"{type(analysis).__name__}")
@@ -379,8 +384,8 @@ class Recommender:
             for lay in probed:
                 reasons.setdefault(skipped.get(lay.name, "not scored"), []).append(lay.name)
             label += "; probed: " + "; ".join(
-                f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} ({why})"
-                for why, names in reasons.items())
+                f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} ({reason})"
+                for reason, names in reasons.items())
         self.details["sensitivity"] = "probe" if len(probed) == len(self.layers) else label
         if probed:
             if sens:

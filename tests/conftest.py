@@ -91,8 +91,9 @@ ERROR_PREFIX = "specprune: error: "
 
 
 def one_error_line(stderr: str) -> str:
-    """stderr is exactly one line, ``specprune: error: ...``; returns the message."""
-    assert "Traceback" not in stderr, stderr
+    """stderr is exactly one line, ``specprune: error: ...`` (no traceback, no click box); returns the
+    message."""
+    assert "Traceback" not in stderr and "╭" not in stderr, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{stderr}"
     assert lines[0].startswith(ERROR_PREFIX), lines[0]

@@ -11,8 +11,8 @@ import typer
 from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, EvalDataOpt, ExcludeOpt,
                      FormatOpt, IncludeOpt, MetricOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt,
                      SeqLenOpt, ToleranceOpt, TrustOpt, check_early, command, console)
-from .recommend import (BitsChoicesOpt, GroupSizeOpt, MethodsOpt, PruneMethodOpt, SensitivityOpt, check_sensitivity,
-                        group_sizes_from, parse_bits_choices, parse_methods)
+from .recommend import (BitsChoicesOpt, GroupSizeOpt, MethodsOpt, PruneMethodOpt, SensitivityOpt, group_sizes_from,
+                        parse_bits_choices, parse_methods)
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Directory for the compressed model (must not exist "
                                       "unless --overwrite).")]
@@ -288,6 +288,7 @@ def compress_cmd(
     from ..errors import InputError, ToleranceExceeded
     from ..models import load_model
     from ..pipeline import DataSpec, compress
+    from ..recommender import check_sensitivity_mode
 
     ctx = Ctx(fmt, quiet)
     check_early(device, include, exclude, samples=samples, seq_len=seq_len, batch_size=batch_size)
@@ -295,7 +296,7 @@ def compress_cmd(
         raise InputError(f"--tolerance must be a positive finite number (0.02 = 2%), got {tolerance}")
     if prune_method not in ("whitened", "spectral"):
         raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
-    check_sensitivity(sensitivity)
+    check_sensitivity_mode(sensitivity)
     ms = parse_methods(methods)
     bits = parse_bits_choices(bits_choices)
     group_sizes = group_sizes_from(group_size)

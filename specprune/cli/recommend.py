@@ -28,13 +28,6 @@ SensitivityOpt = Annotated[str, typer.Option(
                           "layer perturbed at a time), or auto (gradient where defined, else probe).")]
 
 
-def check_sensitivity(mode: str) -> None:
-    from ..errors import InputError
-    from ..recommender import SENSITIVITY_MODES
-
-    if mode not in SENSITIVITY_MODES:
-        raise InputError(f"--sensitivity takes {', '.join(SENSITIVITY_MODES)}, got {mode!r}")
-
 
 def parse_methods(text: str) -> tuple[str, ...]:
     from ..errors import InputError
@@ -115,7 +108,7 @@ def recommend_cmd(
     from ..errors import InputError
     from ..io import check_output_path
     from ..pipeline import DataSpec, analysis_or_model
-    from ..recommender import recommend
+    from ..recommender import check_sensitivity_mode, recommend
 
     ctx = Ctx(fmt, quiet)
     check_early(device, include, exclude, samples=samples, seq_len=seq_len, batch_size=batch_size)
@@ -123,7 +116,7 @@ def recommend_cmd(
         raise InputError(f"--tolerance must be a positive finite number (0.02 = 2%), got {tolerance}")
     if prune_method not in ("whitened", "spectral"):
         raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
-    check_sensitivity(sensitivity)
+    check_sensitivity_mode(sensitivity)
     ms = parse_methods(methods)
     bits = parse_bits_choices(bits_choices)
     group_sizes = group_sizes_from(group_size)

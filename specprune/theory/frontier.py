@@ -44,11 +44,12 @@ __all__ = [
 ]
 
 
-def _number(x: Any, what: str, minimum: float = 0.0) -> float:
-    """A finite real number > ``minimum`` (not a bool, not a string), or one clear error."""
+def _number(x: Any, what: str, minimum: float = 0.0, inclusive: bool = False) -> float:
+    """A finite real number > ``minimum`` (≥ with ``inclusive``; not a bool, not a string), or one clear
+    error."""
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not math.isfinite(x) \
-            or x <= minimum:
-        raise SpecpruneError(f"{what} must be a finite number > {minimum:g}, got {x!r}")
+            or x < minimum or (x == minimum and not inclusive):
+        raise SpecpruneError(f"{what} must be a finite number {'>=' if inclusive else '>'} {minimum:g}, got {x!r}")
     return float(x)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import InputError, SpecpruneError
 from .exponents import _check_ab, classify_regime
+from .frontier import _number
 
 __all__ = [
     "Identification",
@@ -293,8 +294,7 @@ def identify(chi: float, chi_stderr: float, a: float, b: float, a_stderr: float 
         raise SpecpruneError(f"chi must be positive, got {chi!r}")
     for name, v in (("chi_stderr", chi_stderr), ("a_stderr", a_stderr), ("b_stderr", b_stderr),
                     ("gamma_stderr", gamma_stderr)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise SpecpruneError(f"{name} must be a finite number >= 0, got {v!r}")
+        _number(v, name, 0.0, inclusive=True)
     rho = chi * b / (a - 1.0)
     d_chi = b / (a - 1.0)
     d_b = chi / (a - 1.0)

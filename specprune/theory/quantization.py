@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import SpecpruneError
 from .evolution import as_evolution
-from .frontier import KAPPA, asymptotics
+from .frontier import KAPPA, _number, asymptotics
 from .sums import Spectrum, _g_at, _g_of_u, sum_f2, tail_integral
 
 __all__ = ["NOISE_MODELS", "BitLaw", "bit_law", "perturbation_excess_loss", "quantization_excess_loss"]
@@ -122,9 +122,8 @@ def quantization_excess_loss(spec: Spectrum, g: Any, t: float, bits: Any, noise:
 
 def perturbation_excess_loss(spec: Spectrum, g: Any, t: Any, sigma2: float, tau2: float) -> Any:
     """Theorem 2, exact: ΔL = σ² Σf_k² + τ² K (1 + σ²) for an orthonormal basis (K = k_max)."""
-    for name, v in (("sigma2", sigma2), ("tau2", tau2)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise SpecpruneError(f"noise variance {name} must be a finite number >= 0, got {v!r}")
+    sigma2 = _number(sigma2, "noise variance sigma2", 0.0, inclusive=True)
+    tau2 = _number(tau2, "noise variance tau2", 0.0, inclusive=True)
     K = _need_k_max(spec)
     return sigma2 * np.asarray(sum_f2(spec, g, t)) + tau2 * K * (1.0 + sigma2)
 

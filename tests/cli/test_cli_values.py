@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ERROR_PREFIX, one_error_line
 from specprune.cli.app import app
 
 REPO = Path(__file__).resolve().parents[2]
-ERROR_PREFIX = "specprune: error: "
 
 # A valid command line per command, except that the paths need not exist (parsing fails first).
 BASE = {
@@ -37,15 +37,6 @@ BASE = {
     "plugins": ["plugins"],
     "theory": ["theory", "exponents", "--a", "1.5", "--b", "2", "--g", "ntk"],
 }
-
-
-def one_error_line(stderr: str) -> str:
-    """stderr is exactly one line, ``specprune: error: ...``; returns the message."""
-    assert "Traceback" not in stderr and "╭" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{stderr}"
-    assert lines[0].startswith(ERROR_PREFIX), lines[0]
-    return lines[0][len(ERROR_PREFIX):]
 
 
 def invoke(args, code: int):

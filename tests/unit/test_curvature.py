@@ -305,30 +305,43 @@ def test_layers_behind_no_grad_or_detach_are_probed(how):
     assert grad.sens["head"].probes[0]["method"] == "gauss-newton"
 
 
-class _Overflow(torch.autograd.Function):
-    """Identity forward; a backward that overflows (as a float16 backward pass can)."""
+class _Identity(torch.autograd.Function):
+    """Identity forward; subclasses give the backward an unusual behaviour."""
 
     @staticmethod
     def forward(ctx, x):
         return x.clone()
+
+
+class _Overflow(_Identity):
+    """A backward that overflows (as a float16 backward pass can)."""
 
     @staticmethod
     def backward(ctx, g):
         return g * float("inf")
 
 
-class _Blowup(torch.nn.Module):
-    def __init__(self):
+class _NoBackward(_Identity):
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("this operation has no backward")
+
+
+class _Sandwich(torch.nn.Module):
+    """Linear → tanh → ``fn`` → Linear."""
+
+    def __init__(self, fn):
         super().__init__()
         torch.manual_seed(0)
+        self.fn = fn
         self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
 
     def forward(self, x):
-        return self.b(_Overflow.apply(torch.tanh(self.a(x))))
+        return self.b(self.fn.apply(torch.tanh(self.a(x))))
 
 
 def test_non_finite_scores_are_probed_not_allocated():
-    model = _Blowup().eval()
+    model = _Sandwich(_Overflow).eval()
     data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     recs = _tensor_recommenders(model, data)
     grad = recs["gradient"]
@@ -347,25 +360,7 @@ def test_auto_falls_back_to_probes_when_the_backward_pass_fails():
     from specprune.errors import InputError
     from specprune.recommender import Recommender
 
-    class NoBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            raise RuntimeError("this operation has no backward")
-
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
-
-        def forward(self, x):
-            return self.b(NoBackward.apply(self.a(x)))
-
-    torch.manual_seed(0)
-    model = M().eval()
+    model = _Sandwich(_NoBackward).eval()
     data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     analysis = analyze(model, data)
     rec = Recommender(analysis, model, data, verify_samples=32)
