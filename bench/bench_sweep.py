@@ -100,11 +100,11 @@ def settings(quick: bool) -> list[dict]:
             + [{"kind": "rank", "value": f, "label": f"whitened rank {f:.0%}"} for f in ranks])
 
 
-def run_recommend(analysis, model, calib, tolerances, sensitivity="auto"):
+def run_recommend(analysis, model, calib, tolerances, sensitivity="auto", verify=None):
     from specprune.recommender import Recommender
 
     t0 = time.perf_counter()
-    rec = Recommender(analysis, model, calib, sensitivity=sensitivity)
+    rec = Recommender(analysis, model, calib, sensitivity=sensitivity, verify_data=verify)
     init = time.perf_counter() - t0
     plans, plan_s = {}, {}
     for tol in tolerances:
@@ -151,6 +151,8 @@ def bench_model(name: str, model_dir: Path, text: Path, args) -> dict:
     calib = load_data([text], loaded.tokenizer, samples=args.samples, seq_len=seq, batch_size=8)
     evalb = load_data([text], loaded.tokenizer, samples=args.eval_samples, seq_len=seq, batch_size=8,
                       split="evaluation")
+    # as the CLI does: the recommender verifies on calibration windows held out of the analysis
+    verify = load_data([text], loaded.tokenizer, samples=32, seq_len=seq, batch_size=8, offset=args.samples)
     include = QUICK_INCLUDE if args.quick else None
     t = time.perf_counter()
     analysis = analyze(model, calib, include=include)
@@ -163,7 +165,7 @@ def bench_model(name: str, model_dir: Path, text: Path, args) -> dict:
     rec_init, rec_plan, sweep_t = [], {t: [] for t in tols}, []
     rec = plans = sweep_rows = held = None
     for r in range(args.rounds):
-        rec, plans, init, plan_s = run_recommend(analysis, model, calib, tols, args.sensitivity)
+        rec, plans, init, plan_s = run_recommend(analysis, model, calib, tols, args.sensitivity, verify)
         rec_init.append(init)
         for tol in tols:
             rec_plan[tol].append(plan_s[tol])

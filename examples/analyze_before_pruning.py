@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_hf(model_path)
     calib = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="calibration")
     held = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="evaluation")
+    # windows for the recommender's own checks that the analysis does not see (its truncations are fitted to
+    # the calibration covariance and would look better measured there)
+    verify = load_data([data], tokenizer, samples=min(32, args.samples), seq_len=args.seq_len, split="calibration",
+                       offset=args.samples)
 
     # 1. spectra, exponents, frontier
     analysis = specprune.analyze(model, calib, source=model_path)
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(fronts)} of {len(analysis.layers)} layers show a learning frontier.")
 
     # 2. calibrated pruning plan for the tolerance
-    plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib, methods=("prune",))
+    plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib, methods=("prune",),
+                               verify_data=verify if verify.samples else None)
     plan.save(out / "plan.json")
     pruned = [(n, lp) for n, lp in plan.layers.items() if lp.rank is not None]
     print(f"plan: {len(pruned)} layers factorized; predicted delta {plan.predicted_delta:.4g} "

@@ -81,11 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     text = text_path.read_text(encoding="utf-8")
     calib = my_batches(tokenizer, text, args.seq_len, 8, 0, args.samples)
     held = my_batches(tokenizer, text, args.seq_len, 8, args.samples, args.samples)  # windows never calibrated on
+    # the recommender checks its plans on windows the analysis did not see (neither calibration nor held apart)
+    try:
+        checks = my_batches(tokenizer, text, args.seq_len, 8, 2 * args.samples, min(32, args.samples))
+    except SystemExit:  # too little text: the recommender checks on the calibration windows (and warns)
+        checks = None
 
     # 1-2. analyze and recommend with the workflow's own batches
     analysis = specprune.analyze(model, calib, source=model_path)
     analysis.save(out / "analysis")
-    plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib)
+    plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib, verify_data=checks)
 
     # the workflow's policy: no pruning in the first and last blocks (quantization stays allowed)
     blocks = sorted({int(m.group(1)) for n in plan.layers if (m := re.search(r"\.(\d+)\.", n))})
@@ -94,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         m = re.search(r"\.(\d+)\.", name)
         if m and int(m.group(1)) in edge and lp.method is not None:
             lp.method, lp.rank, lp.prune_rate = None, None, 0.0
+    # an edited plan: its size is recomputed; its prediction is the unedited plan's, an upper bound here
+    # (the edit only takes truncations out), and the file says so
+    from specprune.compress.apply import plan_size
+
+    plan.size = plan_size(model, plan)
+    plan.details["edited"] = (f"blocks {sorted(edge)} kept out of pruning after the recommendation: predicted_delta "
+                              "is the unedited plan's (an upper bound, the edit only removes truncations)")
     plan.save(out / "plan.json")
     print(f"plan: predicted delta {plan.predicted_delta:.4g} ± {plan.predicted_delta_uncertainty:.2g} "
           f"(before the edit), blocks {sorted(edge)} kept out of pruning")

@@ -264,9 +264,11 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_data(paths: Sequence[str | os.PathLike], tokenizer=None, *, samples: int = 128, seq_len: int = 128,
-              batch_size: int = 8, seed: int = 0, split: str = "calibration") -> Batches:
+              batch_size: int = 8, seed: int = 0, split: str = "calibration", offset: int = 0) -> Batches:
     """Batches for ``split`` = "calibration" (drawn from the non-held-apart windows), "evaluation"
-    (the held-apart windows) or "all" (every window, e.g. for --eval-data)."""
+    (the held-apart windows) or "all" (every window, e.g. for --eval-data). ``offset`` skips the split's
+    first windows: ``samples`` windows at offset ``s`` are disjoint from the ``s`` windows at offset 0
+    (the selection is a prefix of one seeded shuffle); none may be left (``samples`` is then 0)."""
     if samples <= 0:
         raise InputError(f"--samples must be positive, got {samples}")
     if seq_len <= 0:
@@ -280,7 +282,7 @@ def load_data(paths: Sequence[str | os.PathLike], tokenizer=None, *, samples: in
     if is_text_data(paths):
         what = "evaluation text (--eval-data)" if evaluation_only else "calibration text"
         windows = text_windows(tokenizer, read_texts(paths, what), seq_len)
-        return _label(_select(windows, {}, "input_ids", samples, batch_size, seed, split, seq_len, names))
+        return _label(_select(windows, {}, "input_ids", samples, batch_size, seed, split, seq_len, names, offset))
     tensors: dict[str, list[torch.Tensor]] = {}
     for f in _collect_files(paths, TENSOR_SUFFIXES):
         for k, v in read_tensor_file(f).items():
@@ -295,16 +297,17 @@ def load_data(paths: Sequence[str | os.PathLike], tokenizer=None, *, samples: in
                          else "the tensor data is empty")
     if "labels" in merged and merged["labels"].shape[0] != x.shape[0]:
         raise InputError("'labels' and 'input' have different numbers of samples")
-    return _label(_select(x, merged, "input", samples, batch_size, seed, split, None, names))
+    return _label(_select(x, merged, "input", samples, batch_size, seed, split, None, names, offset))
 
 
-def _select(x, extra, key, samples, batch_size, seed, split, seq_len, names) -> Batches:
+def _select(x, extra, key, samples, batch_size, seed, split, seq_len, names, offset=0) -> Batches:
     n = x.shape[0]
+    take = slice(offset, offset + samples)
     if split == "all":
-        idx = np.random.default_rng(seed).permutation(n)[:samples]
+        idx = np.random.default_rng(seed).permutation(n)[take]
     else:
         calib, held = split_indices(n, seed)
-        idx = held[:samples] if split == "evaluation" else calib[:samples]
+        idx = held[take] if split == "evaluation" else calib[take]
     idx_t = torch.as_tensor(np.sort(idx) if split == "evaluation" else idx, dtype=torch.long)
     sel = x[idx_t]
     ext = {k: v[idx_t] for k, v in extra.items()}

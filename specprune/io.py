@@ -62,7 +62,25 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
             )
     if out_p.exists() and not overwrite:
         raise RefusedError(f"output {out} already exists; pass --overwrite to replace it")
+    # before any work: the nearest existing folder above the output must be a writable directory
+    anc = out_p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise RefusedError(f"cannot write output {out}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise RefusedError(f"cannot write output {out}: {anc} is not writable")
     return out_p
+
+
+@contextlib.contextmanager
+def _creating(out):
+    """An output's folder or temporary file that cannot be created is refused in the user's terms (the
+    output they named and why), not as the OS error on a temporary name they never chose."""
+    try:
+        yield
+    except OSError as err:
+        raise RefusedError(f"cannot write output {out}: {err.strerror or err}") from None
 
 
 @contextlib.contextmanager
@@ -71,8 +89,9 @@ def output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
     """Yield a fresh temporary directory beside ``out``; on success it replaces ``out``
     atomically (rename), on any failure or interrupt it is removed and ``out`` is untouched."""
     out_p = check_output_path(out, inputs, overwrite)
-    out_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp-", dir=out_p.parent))
+    with _creating(out):
+        out_p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp-", dir=out_p.parent))
     try:
         yield tmp
         _publish_mode(tmp)
@@ -92,8 +111,9 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, inputs: Iterable[st
                  overwrite: bool = True) -> Path:
     """Write a file whole or not at all (temp file + rename)."""
     p = check_output_path(path, inputs, overwrite)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    with _creating(path):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)

@@ -14,9 +14,20 @@ from pathlib import Path
 from .analysis import Analysis, analyze
 from .data import Batches, load_data
 from .errors import InputError, ToleranceExceeded
-from .evaluation import Evaluation, Evaluator
+from .evaluation import Evaluator
+from .layers import select_layers
 from .models import LoadedModel, fingerprint, load_model
-from .plan import Plan
+
+
+MIN_VERIFY_WINDOWS = 8  # fewer windows beyond the calibration sample: the recommender verifies in-sample
+
+
+def verification_note(verify: Batches | None) -> str:
+    """The log line that says where plans are verified."""
+    if verify is not None:
+        return f"verifying on {verify.samples} calibration windows held out of the analysis"
+    return (f"verifying on the analysis' own windows (the data holds fewer than {MIN_VERIFY_WINDOWS} more): "
+            "predictions of truncations are in-sample and optimistic")
 
 
 @dataclass
@@ -33,6 +44,19 @@ class DataSpec:
             raise InputError("no calibration data: pass --data FILE_OR_DIR")
         return load_data(self.data, tokenizer, samples=self.samples, seq_len=self.seq_len,
                          batch_size=self.batch_size, seed=self.seed, split="calibration")
+
+    def verification(self, tokenizer, windows: int = 32, after: int = 0) -> Batches | None:
+        """Up to ``windows`` (and no more than ``samples``: the same cost as verifying on the calibration
+        windows) calibration-split windows after the ``samples`` that calibrate, disjoint from them and from
+        the held-apart ones: the recommender measures its map and plans there, out of the analysis' sample.
+        None when the data holds fewer than that or :data:`MIN_VERIFY_WINDOWS` more. ``after``: skip at least
+        that many windows (a saved analysis made on more windows than ``samples``)."""
+        if not self.data:
+            return None
+        want = min(windows, self.samples)
+        b = load_data(self.data, tokenizer, samples=want, seq_len=self.seq_len, batch_size=self.batch_size,
+                      seed=self.seed, split="calibration", offset=max(self.samples, after))
+        return b if b.samples >= min(MIN_VERIFY_WINDOWS, want) else None
 
     def evaluation(self, tokenizer) -> Batches:
         if self.eval_data:
@@ -62,14 +86,17 @@ def source_model(analysis: Analysis, what: str = "the analysis", arch=None, trus
 
 
 def analysis_or_model(target: str, arch, trust, include, exclude, device, spec: DataSpec,
-                      log=lambda m: None) -> tuple[Analysis, LoadedModel]:
-    """``recommend ANALYSIS_DIR|MODEL``: load a saved analysis (and its source model) or analyze."""
+                      log=lambda m: None, check=None) -> tuple[Analysis, LoadedModel]:
+    """``recommend ANALYSIS_DIR|MODEL``: load a saved analysis (and its source model) or analyze.
+    ``check(model, layers, calibration)``, when given, runs before an analysis is made (to refuse early)."""
     p = Path(target)
     if p.is_dir() and (p / "analysis.json").exists():
         analysis = Analysis.load(p)
         return analysis, source_model(analysis, f"the analysis in {target}", arch, trust)
     loaded = load_model(target, arch=arch, trust_remote_code=trust)
     calib = spec.calibration(loaded.tokenizer)
+    if check is not None:
+        check(loaded.model, select_layers(loaded.model, include=include, exclude=exclude), calib)
     log(f"analysing {target}: {calib.samples} windows, {calib.tokens} tokens")
     analysis = analyze(loaded.model, calib, include=include, exclude=exclude, device=device, source=loaded.source)
     return analysis, loaded
@@ -89,20 +116,24 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     from .compress.apply import apply_
     from .compress.saved import save_compressed
     from .io import check_output_path, dumps, output_dir
-    from .recommender import recommend
+    from .recommender import check_gradient_defined, recommend
     from .report.document import HTML_FILE
 
     t0 = time.perf_counter()
     check_output_path(out, inputs, overwrite)
     calib = spec.calibration(loaded.tokenizer)
     evalb = spec.evaluation(loaded.tokenizer)
+    verify = spec.verification(loaded.tokenizer)
+    if sensitivity == "gradient":  # refused before the analysis, not after it
+        check_gradient_defined(loaded.model, select_layers(loaded.model, include=include, exclude=exclude),
+                               metric, calib)
     log(f"analysing: {calib.samples} calibration windows, {calib.tokens} tokens")
     analysis = analyze(loaded.model, calib, include=include, exclude=exclude, device=device,
                        source=loaded.source)
-    log("recommending")
+    log(f"recommending; {verification_note(verify)}")
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=methods,
                      bits_choices=bits_choices, group_sizes=group_sizes, prune_method=prune_method,
-                     source=loaded.source, seed=spec.seed, sensitivity=sensitivity)
+                     source=loaded.source, seed=spec.seed, sensitivity=sensitivity, verify_data=verify)
     log(f"sensitivities: {plan.details.get('sensitivity')}")
     if plan.details.get("warning"):
         warn(plan.details["warning"])

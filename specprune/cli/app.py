@@ -173,3 +173,5 @@ def _quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    # recommend()'s InSampleVerificationWarning: the CLI prints the plan's warning itself, in one line
+    warnings.filterwarnings("ignore", message=r".*the plan's truncations were verified")

@@ -92,7 +92,7 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     import time
 
     from ..analysis import Analysis
-    from ..compress.apply import IdentityCovarianceWarning, apply_, get_compressor, plan_size
+    from ..compress.apply import IdentityCovarianceWarning, apply_, get_compressor, identity_summary, plan_size
     from ..compress.saved import save_compressed
     from ..errors import InputError, RefusedError
     from ..io import check_output_path, output_dir
@@ -128,8 +128,7 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     covariance = (plan.details.get("applied") or {}).get("covariance", "none")
     identity = (plan.details.get("applied") or {}).get("identity_layers") or []
     if identity:
-        ctx.warn(f"{len(identity)} low-rank layer(s) truncated by a plain SVD of W (no --analysis or --data "
-                 "for their input covariance)")
+        ctx.warn(f"{identity_summary(plan, identity)} (no --analysis or --data for their input covariance)")
     if quantizer != "rtn":
         plan.details["quantizer"] = quantizer
     plan.size = plan_size(loaded.model, plan) if not plan.size else plan.size

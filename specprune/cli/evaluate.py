@@ -33,8 +33,9 @@ def render_evaluation(doc: dict) -> None:
     if doc.get("predicted_delta") is not None:
         line += f"   predicted: {doc['predicted_delta']:.4%}"
     c.print(line)
-    if doc.get("reference_note"):
-        c.print(f"note: {doc['reference_note']}", highlight=False, markup=False, soft_wrap=True)
+    for key in ("reference_note", "prediction_note"):
+        if doc.get(key):
+            c.print(f"note: {doc[key]}", highlight=False, markup=False, soft_wrap=True)
 
 
 def recorded_source(model: str) -> tuple[Path | None, str | None]:
@@ -119,18 +120,19 @@ def evaluate_cmd(
     if ref is not None:
         ref.model.to(dev)
     loaded.model.to(dev)
-    pred = None
-    plan_path = None
-    if plan is not None:
-        pred = Plan.load(plan).prediction
-        plan_path = str(plan)
-    elif (Path(model) / "plan.json").is_file():
-        pred = Plan.load(Path(model) / "plan.json").prediction
-        plan_path = str(Path(model) / "plan.json")
+    plan_path = str(plan) if plan is not None else \
+        str(Path(model) / "plan.json") if (Path(model) / "plan.json").is_file() else None
+    the_plan = Plan.load(plan_path) if plan_path else None
+    pred = the_plan.prediction if the_plan is not None else None
+    evaluator = Evaluator(ref.model if ref is not None else loaded.model, batches, metric, dev)
+    pred_note = None
+    if pred is not None and the_plan.metric not in ("auto", evaluator.metric):  # another quantity's prediction
+        pred_note = (f"the plan predicts the {the_plan.metric} delta, not {evaluator.metric}: no prediction to "
+                     "compare with")
+        pred = None
     if ref is not None:
-        ev = Evaluator(ref.model, batches, metric, dev).evaluation(loaded.model, predicted_delta=pred)
+        ev = evaluator.evaluation(loaded.model, predicted_delta=pred)
     else:
-        evaluator = Evaluator(loaded.model, batches, metric, dev)
         if evaluator.metric == "output-mse":
             why = f" ({ref_note})" if ref_note else ""
             raise InputError(f"output-mse needs --reference (the uncompressed model) to compare against{why}")
@@ -145,9 +147,11 @@ def evaluate_cmd(
         ev.extra["reference_source"] = "specprune.json"
     if ref_note:
         ev.extra["reference_note"] = ref_note
+    if pred_note:
+        ev.extra["prediction_note"] = pred_note
     ev.plan = plan_path
-    if plan_path:
-        ev.size = Plan.load(plan_path).size
+    if the_plan is not None:
+        ev.size = the_plan.size
     ev.seconds = time.perf_counter() - t0
     ev.extra["eval_windows"] = batches.samples
     doc = ev.to_dict()

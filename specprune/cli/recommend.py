@@ -107,8 +107,8 @@ def recommend_cmd(
     smallest size, with sensitivities calibrated on --data."""
     from ..errors import InputError
     from ..io import check_output_path
-    from ..pipeline import DataSpec, analysis_or_model
-    from ..recommender import check_sensitivity_mode, recommend
+    from ..pipeline import DataSpec, analysis_or_model, verification_note
+    from ..recommender import check_gradient_defined, check_sensitivity_mode, recommend
 
     ctx = Ctx(fmt, quiet)
     check_early(device, include, exclude, samples=samples, seq_len=seq_len, batch_size=batch_size)
@@ -124,16 +124,24 @@ def recommend_cmd(
     inputs = [target, *(data or [])]
     if out is not None:
         check_output_path(out, inputs, overwrite)
+    check = None
+    if sensitivity == "gradient" and data:  # refused before the analysis, not after it
+        def check(model, layers, calib):
+            check_gradient_defined(model, layers, metric, calib)
     analysis, loaded = analysis_or_model(target, arch, trust_remote_code, include, exclude, device, spec,
-                                         ctx.info)
+                                         ctx.info, check)
     if loaded.source != str(target):  # an analysis directory: its source model is an input too
         inputs.append(loaded.source)
         if out is not None:
             check_output_path(out, inputs, overwrite)
     calib = spec.calibration(loaded.tokenizer) if data else None
+    made_on = analysis.calibration.get("samples") if isinstance(analysis.calibration, dict) else None
+    verify = spec.verification(loaded.tokenizer, after=made_on if isinstance(made_on, int) else 0) if data else None
+    if data:
+        ctx.info(verification_note(verify))
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=ms, bits_choices=bits,
                      group_sizes=group_sizes, prune_method=prune_method,
-                     source=loaded.source, seed=seed, sensitivity=sensitivity)
+                     source=loaded.source, seed=seed, sensitivity=sensitivity, verify_data=verify)
     from ..distributed import is_main
 
     if out is not None and is_main():

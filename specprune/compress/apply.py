@@ -136,7 +136,19 @@ def _resolved_rank(lp: LayerPlan, d_in: int, d_out: int, low_rank: bool) -> int 
 
 
 class IdentityCovarianceWarning(UserWarning):
-    """A covariance-weighted truncation was applied without a covariance (Σ = I)."""
+    """A covariance-weighted method was applied without a covariance (Σ = I)."""
+
+
+def identity_summary(plan: Plan, names: list[str]) -> str:
+    """What Σ = I made of the covariance-weighted layers ``names``: low-rank ones are a plain SVD of W, the
+    others (e.g. wanda) scored without input statistics (weight magnitudes alone)."""
+    low = [n for n in names if getattr(get_compressor(plan.layers[n].method), "low_rank", False)]
+    other = sorted({plan.layers[n].method for n in names if n not in low})
+    parts = [f"{len(low)} low-rank layer(s) truncated by a plain SVD of W"] if low else []
+    if other:
+        parts.append(f"{len(names) - len(low)} {'/'.join(other)} layer(s) scored without input statistics "
+                     "(weight magnitudes alone)")
+    return "; ".join(parts)
 
 
 def plan_size(model: nn.Module, plan: Plan) -> dict:
@@ -411,9 +423,11 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
     for name, lp in active.items():
         comp = methods.get(lp.method) if lp.method else None
         shared = [n for n in holders.get(targets[name].module.weight.data_ptr(), []) if n != name]
-        if comp is not None and getattr(comp, "low_rank", False) and shared:
-            raise InputError(f"plan layer {name}: its weight is shared with {shared[0]} (tied); factorizing it "
-                             "would untie them and add parameters — leave it out of the plan (--exclude)")
+        if shared:
+            what = ("factorizing it would untie them and add parameters" if comp is not None and
+                    getattr(comp, "low_rank", False) else f"compressing it would change {shared[0]} as well")
+            raise InputError(f"plan layer {name}: its weight is shared with {shared[0]} (tied); {what} — leave it "
+                             "out of the plan (--exclude)")
 
     original_layers = {n: replace(lp) for n, lp in plan.layers.items()}
     original_size, original_details = dict(plan.size), dict(plan.details)
@@ -487,9 +501,9 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
         plan.details["applied"] = {"covariance": source, "identity_layers": identity_layers}
         if identity_layers:
             warnings.warn(IdentityCovarianceWarning(
-                f"{len(identity_layers)} low-rank layer(s) (e.g. {identity_layers[0]}) need their input covariance "
-                f"and neither analysis= nor data= was given: they were truncated by a plain SVD of W (Σ = I), not "
-                f"as the plan's prediction assumes; pass analysis= (from analyze) or data="), stacklevel=2)
+                f"{identity_summary(plan, identity_layers)} (e.g. {identity_layers[0]}): they need their input "
+                f"covariance and neither analysis= nor data= was given, so Σ = I was used, not what the plan's "
+                f"prediction assumes; pass analysis= (from analyze) or data="), stacklevel=2)
     except BaseException:
         for snap in reversed(snapshots):
             snap.restore()

@@ -451,12 +451,17 @@ class _Builder:
             maps = (f"a map δ ≈ c·P^p (c = {_f(cmap.get('c'), '.3g')}, p = {_f(cmap.get('p'), '.3g')}"
                     + (f"; for truncations c = {_f(tmap.get('c'), '.3g')}, p = {_f(tmap.get('p'), '.3g')}"
                        if tmap else "") + ")")
+            how = str(det.get("sensitivity") or "")
+            sens = ("per-layer sensitivities from the metric's Gauss–Newton curvature (random-cotangent backward "
+                    f"passes: {how})" if how.startswith("gradient") else
+                    "per-layer sensitivities measured by injecting each layer's real weight change")
+            where = det.get("verification_windows")
+            where = f"calibration windows ({where})" if where else "calibration windows"
             why.append(f"Each candidate's layer distortion tr(ΔW Σ ΔWᵀ) is exact from the layer's input covariance; "
-                       f"per-layer sensitivities measured by injecting each layer's real weight change turn it into a "
-                       f"metric change, and {maps} fitted on "
+                       f"{sens} turn it into a metric change, and {maps} fitted on "
                        f"{len(cmap.get('points') or [])} measured whole-model perturbations gives the prediction, with "
                        f"a multiplicative uncertainty e^σ, σ = {_f(cmap.get('sigma'), '.2f')}. The smallest plan whose "
-                       "measurement on calibration windows stays inside the tolerance was chosen.")
+                       f"measurement on {where} stays inside the tolerance was chosen.")
         frontier = det.get("frontier") or {}
         kstars = {n: (frontier.get(n) or {}).get("k_star") for n in layers}
         if a is not None:

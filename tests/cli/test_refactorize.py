@@ -85,3 +85,29 @@ def test_a_tied_head_is_not_factorized(tiny_dirs, text_file, tmp_path):
                        "--out", tmp_path / "p", *FAST, "--quiet")
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "shared with transformer.wte" in err and not (tmp_path / "p").exists()
+
+
+def test_a_tied_head_is_not_quantized_and_plans_keep_it(tiny_dirs, text_file, tmp_path):
+    """Quantizing GPT-2's tied lm_head would quantize the input embedding too (and the saved directory held
+    the shared matrix dense under the embedding's name while listing lm_head as quantized: unloadable). It is
+    refused like factorizing; a recommendation over an analysis that includes it keeps it."""
+    code, _, err = run("quantize", tiny_dirs["gpt2"], "--bits", "4", "--include", "lm_head", "--out", tmp_path / "q",
+                       "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "shared with transformer.wte (tied); compressing it would change transformer.wte as well" in err
+    assert not (tmp_path / "q").exists()
+    from specprune.analysis import analyze
+    from specprune.compress.apply import apply_
+    from specprune.data import load_data
+    from specprune.models import load_model
+    from specprune.recommender import Recommender
+
+    loaded = load_model(str(tiny_dirs["gpt2"]))
+    calib = load_data([text_file], loaded.tokenizer, samples=8, seq_len=32, batch_size=4)
+    analysis = analyze(loaded.model, calib, include=["lm_head", "transformer.h.0.mlp.c_fc"])
+    rec = Recommender(analysis, loaded.model, calib, verify_samples=4)
+    assert rec.details["kept_shared"] == ["lm_head"] and len(rec.options["lm_head"]) == 1
+    assert rec.uniform(bits=4)["lm_head"].bits is None
+    plan = rec.plan(0.5)
+    assert plan.layers["lm_head"].bits is None and plan.layers["lm_head"].rank is None
+    apply_(loaded.model, plan, analysis)

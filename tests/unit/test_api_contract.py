@@ -172,3 +172,29 @@ def test_wrapped_models_give_the_model_s_own_layer_names():
         out = specprune.apply_(wrapped, plan, analysis=analysis)
         assert out is wrapped
         assert not torch.equal(y0, wrapped(data[0]))  # the wrapped model itself was compressed
+
+
+def test_a_plan_verified_on_the_analysis_sample_says_so_and_widens_its_uncertainty():
+    """Truncations are fitted to the calibration covariance, so a plan that truncates and is checked on those
+    same windows is flattered: recommend() warns and the uncertainty covers IN_SAMPLE_EXCESS · d_in/N of the
+    truncations' share; with verify_data= (other windows) the check is out of sample and nothing is added."""
+    from specprune.recommender import IN_SAMPLE_EXCESS, InSampleVerificationWarning
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    data, other = _batches(n=2, bs=64, seed=1), _batches(n=2, bs=64, seed=2)
+    analysis = specprune.analyze(m, data)
+    with pytest.warns(InSampleVerificationWarning, match="verified on the calibration data the analysis was made"):
+        plan = specprune.recommend(analysis, 0.3, model=m, data=data, methods=("prune",), verify_samples=128)
+    info = plan.details["in_sample_truncations"]
+    assert info["max_d_in_over_tokens"] == pytest.approx(64 / 128)
+    assert info["excess"] == pytest.approx(IN_SAMPLE_EXCESS * 64 / 128)
+    assert plan.predicted_delta_uncertainty >= plan.predicted_delta * info["truncation_share"] * info["excess"] - 1e-15
+    assert "in-sample" in plan.details["warning"]
+    assert "(in-sample where the analysis was made on them)" in plan.details["verification_windows"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InSampleVerificationWarning)
+        held = specprune.recommend(analysis, 0.3, model=m, data=data, methods=("prune",), verify_data=other,
+                                   verify_samples=128)
+    assert "in_sample_truncations" not in held.details and "warning" not in held.details
+    assert held.details["verification_windows"] == "128 held out of the analysis"

@@ -66,6 +66,22 @@ def test_output_mse_curvature_is_the_measured_second_order_change(bert):
             assert scores[lay.name]["first"][k] == 0.0
 
 
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_responses_score_as_the_weight_gradients(which, bert, llama, monkeypatch):
+    """The scores from the responses X ΔWᵀ kept from the forward pass equal those from one weight gradient
+    per backward pass (``RESPONSE_BYTES`` = 0), windows and draws alike."""
+    loaded, calib = bert if which == "bert" else llama
+    layers = select_layers(loaded.model)
+    deltas = {lay.name: torch.stack([_delta(lay, 0.02, i), _delta(lay, 0.01, 50 + i)]) for i, lay in enumerate(layers)}
+    metric = Evaluator(loaded.model, calib).metric
+    got = curvature.gauss_newton_scores(loaded.model, layers, deltas, calib.batches, metric, draws=3, seed=5)
+    monkeypatch.setattr(curvature, "RESPONSE_BYTES", 0)
+    want = curvature.gauss_newton_scores(loaded.model, layers, deltas, calib.batches, metric, draws=3, seed=5)
+    for lay in layers:
+        for key in ("curvature", "stderr", "first"):
+            assert got[lay.name][key] == pytest.approx(want[lay.name][key], rel=1e-4, abs=1e-12), (lay.name, key)
+
+
 def test_lm_loss_first_order_term_is_the_loss_gradient(llama):
     """lm-loss: the first-order term is ⟨∇L, ΔW⟩/L exactly (no sampling): it equals the odd part of
     the measured change, (δ(+ΔW) − δ(−ΔW))/2, for a small ΔW."""
@@ -384,3 +400,26 @@ def test_the_refusal_names_the_layer_type():
     analysis = analyze(model, data)
     with pytest.raises(InputError, match=r"layer conv1 is a Conv2d \(it needs nn.Linear or Conv1D layers; 4 layers"):
         Recommender(analysis, model, data, sensitivity="gradient")
+
+
+@pytest.mark.parametrize("cmd", ["recommend", "compress"])
+def test_cli_refuses_gradient_before_the_analysis(cmd, tmp_path):
+    """``--sensitivity gradient`` on a model it is not defined for (a CNN's Conv2d layers) is one error line
+    before any work: no "analysing" line precedes it, nothing is written."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from conftest import one_error_line
+    from specprune.cli.app import app
+    from specprune.toy import build_cnn
+
+    save_file(build_cnn().state_dict(), str(tmp_path / "cnn.safetensors"))
+    save_file({"input": torch.randn(16, 3, 8, 8)}, str(tmp_path / "x.safetensors"))
+    out = tmp_path / ("plan.json" if cmd == "recommend" else "out")
+    res = CliRunner().invoke(app, [cmd, str(tmp_path / "cnn.safetensors"), "--arch", "specprune.toy:build_cnn",
+                                   "--data", str(tmp_path / "x.safetensors"), "--tolerance", "0.05",
+                                   "--sensitivity", "gradient", "--out", str(out)])
+    assert res.exit_code == 1, res.stdout + res.stderr
+    assert one_error_line(res.stderr).startswith("--sensitivity gradient is not defined here: layer ")
+    assert "is a Conv2d" in res.stderr
+    assert not out.exists()

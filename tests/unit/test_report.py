@@ -544,3 +544,13 @@ def test_demo_settings():
     assert DemoSettings.make(samples=10).samples == 10
     with pytest.raises(InputError, match="--model"):
         DemoSettings.make(model="gpt5")
+
+
+def test_report_names_how_the_sensitivities_and_the_verification_were_made(compressed, plan_doc):
+    """The report's account of the plan follows plan.details: gradient sensitivities are not described as
+    injected weight changes, and the verification windows are named."""
+    text = (compressed["compressed"] / "report" / "report.md").read_text(encoding="utf-8")
+    assert plan_doc["details"]["sensitivity"].startswith("gradient")
+    assert "Gauss–Newton curvature" in text and "injecting" not in text
+    assert f"calibration windows ({plan_doc['details']['verification_windows']})" in text
+    assert plan_doc["details"]["verification_windows"].endswith("held out of the analysis")

@@ -136,7 +136,13 @@ def test_without_covariance_it_is_rowwise_magnitude():
     model = _mlp()
     w = model[0].weight.detach().clone()
     plan = _plan(["0"], 0.5, "wanda")
-    apply_(model, plan)  # no data, no analysis: Σ = I
+    from specprune.compress.apply import IdentityCovarianceWarning
+
+    with pytest.warns(IdentityCovarianceWarning) as caught:  # no data, no analysis: Σ = I, and it says what
+        apply_(model, plan)
+    msg = str(caught[0].message)
+    assert msg.startswith("1 wanda layer(s) scored without input statistics (weight magnitudes alone)"), msg
+    assert "SVD" not in msg
     assert plan.details["applied"] == {"covariance": "identity", "identity_layers": ["0"]}
     expected = w * wanda_mask(w, None, 0.5)
     assert torch.equal(model[0].weight.detach(), expected)
