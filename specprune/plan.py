@@ -38,6 +38,11 @@ def _finite_number(v) -> bool:
         return False
 
 
+def _integer(v) -> bool:
+    """An integer and not a bool (JSON ``true`` would otherwise pass as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass
 class LayerPlan:
     method: str | None = None
@@ -53,13 +58,13 @@ class LayerPlan:
 
     def validate(self, name: str) -> None:
         if self.bits is not None:
-            if not isinstance(self.bits, int) or not BITS_RANGE[0] <= self.bits <= BITS_RANGE[1]:
+            if not _integer(self.bits) or not BITS_RANGE[0] <= self.bits <= BITS_RANGE[1]:
                 raise InputError(f"plan layer {name}: bits must be an integer in 2..8 or null, got {self.bits!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+        if self.group_size is not None and (not _integer(self.group_size) or self.group_size <= 0):
             raise InputError(f"plan layer {name}: group_size must be a positive integer or null")
-        if not isinstance(self.prune_rate, (int, float)) or not 0.0 <= float(self.prune_rate) < 1.0:
+        if not _finite_number(self.prune_rate) or not 0.0 <= float(self.prune_rate) < 1.0:
             raise InputError(f"plan layer {name}: prune_rate must be in [0, 1), got {self.prune_rate!r}")
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank <= 0):
+        if self.rank is not None and (not _integer(self.rank) or self.rank <= 0):
             raise InputError(f"plan layer {name}: rank must be a positive integer or null")
         if self.method is None and (self.rank is not None or self.prune_rate):
             raise InputError(f"plan layer {name}: prune_rate/rank given without a method")
@@ -122,8 +127,8 @@ class Plan:
             if not _finite_number(v):
                 raise InputError(f"{where}: {key} must be a finite number, got {v!r}")
             numbers[key] = float(v)
-        if not isinstance(doc.get("model") or {}, dict) or not isinstance(doc.get("size") or {}, dict):
-            raise InputError(f"{where}: 'model' and 'size' must be objects")
+        if not all(isinstance(doc.get(k) or {}, dict) for k in ("model", "size", "details")):
+            raise InputError(f"{where}: 'model', 'size' and 'details' must be objects")
         return cls(model=dict(doc.get("model") or {}), tolerance=numbers["tolerance"],
                    # a plan without a prediction of its own (hand-written) predicts nothing: metric "none"
                    metric=str(doc.get("metric", "auto" if "predicted_delta" in doc else "none")),
@@ -143,6 +148,8 @@ class Plan:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(f"{path} is not readable JSON: {err}") from None
+        except RecursionError:
+            raise InputError(f"{path} is not a plan: its JSON is nested too deeply") from None
         return cls.from_dict(doc, str(path))
 
     @property

@@ -68,3 +68,28 @@ def test_plans_are_verified_out_of_the_analysis_sample_and_predict_their_own_met
     assert doc["metric"] == "output-mse" and doc["predicted_delta"] is None
     assert doc["prediction_note"] == ("the plan predicts the lm-loss delta, not output-mse: no prediction to "
                                       "compare with")
+
+
+@pytest.mark.parametrize("doc,expect", [
+    ({"layers": {"a": {"method": "spectral", "rank": True}}}, "plan layer a: rank must be a positive integer"),
+    ({"layers": {"a": {"bits": 4, "group_size": True}}}, "plan layer a: group_size must be a positive integer"),
+    ({"layers": {"a": {"bits": True}}}, "plan layer a: bits must be an integer in 2..8 or null, got True"),
+    ({"layers": {"a": {"method": "spectral", "prune_rate": True}}}, "plan layer a: prune_rate must be in [0, 1)"),
+    ({"layers": {}, "details": [1, 2]}, "plan: 'model', 'size' and 'details' must be objects"),
+])
+def test_hand_written_plan_values_of_the_wrong_type_are_refused(doc, expect):
+    """JSON true is not the integer 1, and a plan's details are an object (before: accepted as 1; a raw
+    TypeError)."""
+    from specprune.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        Plan.from_dict({"format": 1, **doc})
+    assert str(err.value).startswith(expect)
+
+
+def test_a_plan_nested_too_deeply_is_one_clear_error(tmp_path):
+    from specprune.errors import InputError
+
+    (tmp_path / "p.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputError, match="its JSON is nested too deeply"):
+        Plan.load(tmp_path / "p.json")
