@@ -100,11 +100,12 @@ def settings(quick: bool) -> list[dict]:
             + [{"kind": "rank", "value": f, "label": f"whitened rank {f:.0%}"} for f in ranks])
 
 
-def run_recommend(analysis, model, calib, tolerances, sensitivity="auto", verify=None):
+def run_recommend(analysis, model, calib, tolerances, sensitivity="auto", verify=None, verify_samples=None):
     from specprune.recommender import Recommender
 
     t0 = time.perf_counter()
-    rec = Recommender(analysis, model, calib, sensitivity=sensitivity, verify_data=verify)
+    kw = {} if verify_samples is None else {"verify_samples": verify_samples}
+    rec = Recommender(analysis, model, calib, sensitivity=sensitivity, verify_data=verify, **kw)
     init = time.perf_counter() - t0
     plans, plan_s = {}, {}
     for tol in tolerances:
@@ -165,7 +166,8 @@ def bench_model(name: str, model_dir: Path, text: Path, args) -> dict:
     rec_init, rec_plan, sweep_t = [], {t: [] for t in tols}, []
     rec = plans = sweep_rows = held = None
     for r in range(args.rounds):
-        rec, plans, init, plan_s = run_recommend(analysis, model, calib, tols, args.sensitivity, verify)
+        rec, plans, init, plan_s = run_recommend(analysis, model, calib, tols, args.sensitivity, verify,
+                                                 args.verify_samples)
         rec_init.append(init)
         for tol in tols:
             rec_plan[tol].append(plan_s[tol])
@@ -261,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 128 MiniLM, 64 Llama)")
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
     ap.add_argument("--rounds", type=int, default=2, help="alternated recommend/sweep rounds (default 2)")
+    ap.add_argument("--verify-samples", type=int, default=None,
+                    help="windows for the recommender's map and verification (default: the recommender's)")
     ap.add_argument("--sensitivity", default="auto", choices=("auto", "gradient", "probe"),
                     help="the recommender's per-layer sensitivities (default auto: gradient where defined)")
     ap.add_argument("--llama", action="store_true", help="also the small Llama (trained once, ~1-2 min, cached)")

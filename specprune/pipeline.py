@@ -25,7 +25,7 @@ MIN_VERIFY_WINDOWS = 8  # fewer windows beyond the calibration sample: the recom
 def verification_note(verify: Batches | None) -> str:
     """The log line that says where plans are verified."""
     if verify is not None:
-        return f"verifying on {verify.samples} calibration windows held out of the analysis"
+        return "verifying on calibration windows held out of the analysis"
     return (f"verifying on the analysis' own windows (the data holds fewer than {MIN_VERIFY_WINDOWS} more): "
             "predictions of truncations are in-sample and optimistic")
 

@@ -55,7 +55,7 @@ def test_plans_are_verified_out_of_the_analysis_sample_and_predict_their_own_met
     res = CliRunner().invoke(app, ["compress", str(tiny_dirs["gpt2"]), "--data", str(text_file), "--tolerance",
                                    "0.05", "--out", str(out), *FAST])
     assert res.exit_code in (0, 3), res.stderr
-    assert "verifying on 8 calibration windows held out of the analysis" in res.stderr
+    assert "verifying on calibration windows held out of the analysis" in res.stderr
     plan = json.loads((out / "plan.json").read_text())
     assert plan["details"]["verification_windows"] == "8 held out of the analysis"
     same = CliRunner().invoke(app, ["evaluate", str(out), "--data", str(text_file), *FAST, "--format", "json"])
