@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis import Analysis, analyze
+from .analysis import Analysis, analyze, undersampled_note
 from .data import Batches, load_data
 from .errors import InputError, ToleranceExceeded
 from .evaluation import Evaluator
@@ -130,6 +130,8 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     log(f"analysing: {calib.samples} calibration windows, {calib.tokens} tokens")
     analysis = analyze(loaded.model, calib, include=include, exclude=exclude, device=device,
                        source=loaded.source)
+    if undersampled_note(analysis):
+        warn(undersampled_note(analysis))
     log(f"recommending; {verification_note(verify)}")
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=methods,
                      bits_choices=bits_choices, group_sizes=group_sizes, prune_method=prune_method,

@@ -89,7 +89,7 @@ analyze_cmd = command(analyze_cmd)
 
 def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, exclude, arch, trust,
                 device, overwrite, fmt, quiet, scale: dict | None = None):
-    from ..analysis import analyze
+    from ..analysis import analyze, undersampled_note
     from ..data import load_data
     from ..errors import InputError
     from ..io import check_output_path, output_dir
@@ -116,6 +116,9 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
         res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=loaded.source,
                       log=ctx.info, **scale)
         results.append((m, res))
+        note = undersampled_note(res)
+        if note:
+            ctx.warn(note)
     docs = [r.to_dict() for _, r in results]
     from ..distributed import is_main
 

@@ -196,8 +196,14 @@ def curve_cmd(
             "exponents": {k: getattr(ex, k) for k in contract}}
     if kind == CurveKind.pruning:
         curve = theory.pruning_curve(spec, ev, tv, points=npts, epsilon=eps)
-        out = _clean({**head, **curve.to_dict(), "r_star": curve.critical.rate,
-                      "one_minus_r_star_t_exponent": ex.k_star_exponent})
+        doc = curve.to_dict()
+        # past the capacity (k* ≥ K_max) the cut is pinned by K_max: 1 − r* no longer scales with t
+        capped = doc.get("k_star") is not None and doc["k_star"] >= kmax
+        out = _clean({**head, **doc, "r_star": curve.critical.rate,
+                      "one_minus_r_star_t_exponent": None if capped else ex.k_star_exponent})
+        if capped:
+            out["note"] = (f"k* = {_fmt(doc['k_star'])} ≥ K_max = {kmax}: r* is set by the capacity and does not "
+                           "scale with t")
 
         def human(d: dict[str, Any]) -> None:
             rows = [[p["k_cut"], p["rate"], p["pruned_loss"], p["delta_true"], p["distance_eq20"], p["phase"]]
@@ -206,8 +212,10 @@ def curve_cmd(
                           f"L(0)={_fmt(d['loss_zero'])})",
                           ["k_cut", "rate", "pruned loss", "ΔL true", "eq20 distance", "phase"], rows))
             c = d["critical"]
-            console().print(f"r* = {_fmt(d['r_star'])} (k_cut = {c['k_cut']}, ε = {_fmt(eps)}); "
-                            f"1 − r* ∝ t^{_fmt(ex.k_star_exponent)}", highlight=False)
+            scaling = f"1 − r* ∝ t^{_fmt(ex.k_star_exponent)}" if d.get("one_minus_r_star_t_exponent") is not None \
+                else d["note"]
+            console().print(f"r* = {_fmt(d['r_star'])} (k_cut = {c['k_cut']}, ε = {_fmt(eps)}); {scaling}",
+                            highlight=False)
 
     elif kind == CurveKind.loss:
         t_hi = _num(t_max, "--t-max", low=0.0) if t_max is not None else 1000.0 * tv
@@ -220,7 +228,8 @@ def curve_cmd(
                for i in range(ts.size)]
         slopes = {"loss": -theory.loglog_slope(ts, L),
                   "sum_f2": theory.loglog_slope(ts, F) if np.all(np.isfinite(F)) else None}
-        out = _clean({**head, "points": pts, "fitted_chi": slopes["loss"],
+        # the loss curve is the infinite-mode one (exact sums + analytic tail): no capacity enters it
+        out = _clean({**head, "k_max": None, "modes": "infinite", "points": pts, "fitted_chi": slopes["loss"],
                       "fitted_sum_f2_slope": slopes["sum_f2"]})
 
         def human(d: dict[str, Any]) -> None:

@@ -101,3 +101,21 @@ def test_real_minilm_analyzes_from_the_cli(minilm_dir, text_file, tmp_path):
     assert doc["calibration"]["tokens"] == 32 * 128
     assert all(lay["b"] is not None and lay["b"] > 0 for lay in doc["layers"])
     assert (out / "analysis.json").is_file()
+
+
+def test_undersampled_layers_are_flagged_and_warned(tiny_dirs, small_text_file, tmp_path):
+    """A layer that saw fewer than 4 tokens per input dimension (here BERT's pooler: one [CLS] token per
+    window) is flagged in analysis.json and named in one warning line: its fitted b is biased upward."""
+    from specprune.analysis import UNDERSAMPLED_PER_DIM
+
+    code, stdout, stderr = _run(["analyze", str(tiny_dirs["bert"]), "--data", str(small_text_file), "--samples", "8",
+                                 "--seq-len", "32", "--format", "json"])
+    assert code == 0
+    doc = json.loads(stdout)
+    for lay in doc["layers"]:
+        flagged = any(f.startswith("undersampled:") for f in lay["flags"])
+        assert flagged == (lay["tokens"] < UNDERSAMPLED_PER_DIM * lay["d_in"]), lay["name"]
+    assert any(f.startswith("undersampled: 8 tokens for ") for f in next(
+        lay for lay in doc["layers"] if lay["name"] == "pooler.dense")["flags"])
+    warned = [ln for ln in stderr.splitlines() if ln.startswith("specprune: warning: ")]
+    assert len(warned) == 1 and "fewer than 4 calibration tokens per input dimension" in warned[0], stderr

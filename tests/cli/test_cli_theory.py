@@ -97,11 +97,22 @@ def test_curve_pruning_json():
     assert ratio == pytest.approx(10.0, rel=0.02)
 
 
+def test_curve_pruning_past_the_capacity_has_no_t_exponent():
+    """k* ≥ K_max: the cut is pinned by the capacity, so 1 − r* no longer scales as t^(ρ/b): no exponent, a note."""
+    doc = run_json("curve", "--a", "1.5", "--b", "2", "--t", "1e4", "--g", "monomial:m=0.25,n=1", "--points", "4")
+    assert doc["k_star"] >= doc["k_max"]
+    assert doc["one_minus_r_star_t_exponent"] is None
+    assert doc["note"].endswith("r* is set by the capacity and does not scale with t")
+    assert "set by the capacity" in run("curve", "--a", "1.5", "--b", "2", "--t", "1e4", "--g", "monomial:m=0.25,n=1",
+                                        "--points", "4").stdout
+
+
 def test_curve_loss_and_bits_json():
     doc = run_json("curve", "--a", "1.5", "--b", "2", "--g", "feature:beta=0.2", "--kind", "loss",
                    "--k-star", "300", "--points", "6")
     assert doc["fitted_chi"] == pytest.approx(0.4167, rel=0.02)
     assert doc["fitted_sum_f2_slope"] == pytest.approx(1.25, rel=0.02)
+    assert doc["k_max"] is None and doc["modes"] == "infinite"  # the loss curve has no capacity
     bits = run_json("curve", "--a", "1.5", "--b", "2", "--kind", "bits", "--k-star", "30", "--points", "6",
                     "--k-max", "200000")
     assert {c["noise"] for c in bits["curves"]} == {"additive", "relative", "rtn-zero"}
