@@ -137,13 +137,11 @@ def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarr
     full_bits, full_params = weight_bits(d_in, d_out, None, None, None, db)
     opts = [Option(None, None, None, None, full_bits, 0.0, 0.0, full_params, 0.0)]
     if quantize:
-        for b in bits_choices:
-            for g in group_sizes:
-                if g is not None and g >= d_in:
-                    continue
-                dq = geom.distortion(quantization_error(geom.w, b, g))
-                sb, _ = weight_bits(d_in, d_out, None, b, g, db)
-                opts.append(Option(None, None, b, g, sb, dq, 0.0, full_params, 0.0))
+        settings = [(b, g) for b in bits_choices for g in group_sizes if g is None or g < d_in]
+        dqs = geom.distortions(quantization_error(geom.w, b, g) for b, g in settings)
+        for (b, g), dq in zip(settings, dqs):
+            sb, _ = weight_bits(d_in, d_out, None, b, g, db)
+            opts.append(Option(None, None, b, g, sb, dq, 0.0, full_params, 0.0))
     if prune_method is not None and can_factorize(layer.module):  # else a rank would save nothing
         kb = break_even_rank(d_in, d_out)
         ranks = sorted({max(1, int(f * kb)) for f in RANK_FRACTIONS})
@@ -158,22 +156,22 @@ def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarr
             sb, params = weight_bits(d_in, d_out, k, None, None, db)
             rate = 1.0 - params / full_params
             opts.append(Option(prune_method, k, None, None, sb, 0.0, dp, params, rate))
-            if quantize:
-                for b in [b for b in COMBO_BITS if b in bits_choices]:
-                    dq_total = _combo_distortion(geom, prune_method, k, b)
-                    sbq, _ = weight_bits(d_in, d_out, k, b, None, db)
-                    opts.append(Option(prune_method, k, b, None, sbq, max(dq_total - dp, 0.0), dp, params, rate))
+            combo = [b for b in COMBO_BITS if b in bits_choices] if quantize else []
+            factors = geom.factors(prune_method, k) if combo else None  # once per rank, for every bit-width
+            for b in combo:
+                dq_total = _combo_distortion(geom, factors, b)
+                sbq, _ = weight_bits(d_in, d_out, k, b, None, db)
+                opts.append(Option(prune_method, k, b, None, sbq, max(dq_total - dp, 0.0), dp, params, rate))
     return opts
 
 
-def _combo_distortion(geom: LayerGeometry, method: str, k: int, bits: int) -> float:
-    """Distortion of rank-k factors each quantized to ``bits`` (per channel)."""
-    from .compress.quantize import quantize_weight
+def _combo_distortion(geom: LayerGeometry, factors: tuple[torch.Tensor, torch.Tensor], bits: int) -> float:
+    """Distortion of rank-k factors (A, B) each quantized to ``bits`` (per channel, RTN: the dequantized
+    factor is X + its quantization error)."""
+    from .compress.quantize import quantization_error
 
-    a, b = geom.factors(method, k)
-    aq = quantize_weight(a, bits, None).dequantize().to(torch.float32)
-    bq = quantize_weight(b, bits, None).dequantize().to(torch.float32)
-    return geom.factored_distortion(aq, bq)
+    a, b = factors
+    return geom.factored_distortion(a + quantization_error(a, bits, None), b + quantization_error(b, bits, None))
 
 
 def allocate(options: dict[str, list[Option]], sens: dict[str, LayerSensitivity], budget: float,
