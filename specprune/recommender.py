@@ -137,11 +137,13 @@ def layer_options(layer: TargetLayer, geom: LayerGeometry, mode_energy: np.ndarr
     full_bits, full_params = weight_bits(d_in, d_out, None, None, None, db)
     opts = [Option(None, None, None, None, full_bits, 0.0, 0.0, full_params, 0.0)]
     if quantize:
-        settings = [(b, g) for b in bits_choices for g in group_sizes if g is None or g < d_in]
-        dqs = geom.distortions(quantization_error(geom.w, b, g) for b, g in settings)
-        for (b, g), dq in zip(settings, dqs):
-            sb, _ = weight_bits(d_in, d_out, None, b, g, db)
-            opts.append(Option(None, None, b, g, sb, dq, 0.0, full_params, 0.0))
+        for b in bits_choices:
+            for g in group_sizes:
+                if g is not None and g >= d_in:
+                    continue
+                dq = geom.distortion(quantization_error(geom.w, b, g))
+                sb, _ = weight_bits(d_in, d_out, None, b, g, db)
+                opts.append(Option(None, None, b, g, sb, dq, 0.0, full_params, 0.0))
     if prune_method is not None and can_factorize(layer.module):  # else a rank would save nothing
         kb = break_even_rank(d_in, d_out)
         ranks = sorted({max(1, int(f * kb)) for f in RANK_FRACTIONS})

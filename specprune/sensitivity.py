@@ -192,26 +192,6 @@ class LayerGeometry:
     def distortion(self, delta_w: torch.Tensor) -> float:
         return float((delta_w.to(torch.float32) @ self.m).double().pow(2).sum())
 
-    def distortions(self, deltas, chunk_bytes: int = 1 << 28) -> list[float]:
-        """:meth:`distortion` of several ΔW at once: stacked into one (n·d_out × d_in) product per chunk of
-        ``chunk_bytes`` (one large GEMM runs nearer the cores' peak than many small ones)."""
-        out: list[float] = []
-        batch: list[torch.Tensor] = []
-
-        def flush():
-            if batch:
-                sq = (torch.cat(batch) @ self.m).double().pow(2).reshape(len(batch), -1).sum(1)
-                out.extend(float(v) for v in sq)
-                batch.clear()
-
-        per = self.d_out * self.d_in * 4
-        for dw in deltas:
-            batch.append(dw.to(torch.float32))
-            if (len(batch) + 1) * per > chunk_bytes:
-                flush()
-        flush()
-        return out
-
     def factored_distortion(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """D(A B − W) as ‖A (B M) − W M‖² (W M is kept): k·d_in·(d_in + d_out) multiply-adds instead of
         d_out·d_in·(k + d_in) for forming A B first."""

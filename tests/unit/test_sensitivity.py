@@ -154,22 +154,3 @@ def test_truncation_distortion_closed_form_matches_the_truncated_weight(shape, m
         a, b = g.factors(method, k)
         aq, bq = a + 0.01 * torch.randn_like(a), b + 0.01 * torch.randn_like(b)
         assert g.factored_distortion(aq, bq) == pytest.approx(g.distortion(aq @ bq - g.w), rel=1e-5)
-
-
-def test_stacked_distortions_equal_one_at_a_time():
-    """LayerGeometry.distortions (one stacked product per chunk) gives each ΔW's tr(ΔW Σ ΔWᵀ), whatever the chunk."""
-    from torch import nn
-
-    from specprune.compress.quantize import quantization_error
-    from specprune.layers import select_layers
-    from specprune.sensitivity import LayerGeometry
-
-    torch.manual_seed(0)
-    lay = select_layers(nn.Sequential(nn.Linear(96, 40)))[0]
-    x = torch.randn(500, 96) * torch.logspace(0, -2, 96)
-    lam, u = torch.linalg.eigh((x.T @ x / 500).double())
-    g = LayerGeometry(lay, lam.flip(0).numpy(), u.flip(1).numpy())
-    dws = [quantization_error(g.w, b, gs) for b in (2, 4, 8) for gs in (None, 32)]
-    one = [g.distortion(d) for d in dws]
-    for chunk in (1, 40 * 96 * 4 * 3, 1 << 28):
-        assert g.distortions(iter(dws), chunk_bytes=chunk) == pytest.approx(one, rel=1e-6)
