@@ -532,17 +532,20 @@ class Recommender:
             last = (size, choice, measured, stderr)
             if closest is None or measured < closest[2]:
                 closest = last
-            if measured <= target:
+            # a plan meets the target when its measurement does by one standard error: on few or noisy
+            # windows (a loss on a small model) a measurement just under the target is no evidence
+            bound = measured + _se(stderr)
+            if bound <= target:
                 if accepted is None or size < accepted[0]:
                     accepted = (size, choice, measured, stderr)
                     chosen = f"allocation, verification round {len(history)}"
-                if measured >= 0.75 * target:
+                if bound >= 0.75 * target:
                     break
                 lo = max(lo, budget)
-                proposal = budget * min(2.0, target / max(measured, 1e-12))
+                proposal = budget * min(2.0, target / max(bound, 1e-12))
             else:
                 hi = min(hi, budget)
-                proposal = budget * 0.9 * target / measured
+                proposal = budget * 0.9 * target / bound
             # never step back outside what is known: below a budget that met the target or above one
             # that did not (the measured delta is not monotone in the budget, the bracket is)
             if not lo < proposal < hi:
@@ -555,7 +558,7 @@ class Recommender:
         # setting predicted far above the target meets it)
         plausible = target * math.exp(2.0 * max(self.cmap.sigma, self.rmap.sigma))
         for label, u_size, u_choice, u_measured, u_stderr in (self.measured_uniform if verify else ()):
-            if u_measured <= target and self.predict(u_choice) <= plausible \
+            if u_measured + _se(u_stderr) <= target and self.predict(u_choice) <= plausible \
                     and (accepted is None or u_size < accepted[0]):
                 accepted = (u_size, u_choice, u_measured, u_stderr)
                 chosen = label
@@ -660,6 +663,11 @@ def default_sensitivity_samples(metric: str) -> int:
     first-order part; on the small trained Llama 4 windows let the allocator pick layers whose
     sensitivity was under-measured, and plans missed their target on verification)."""
     return 4 if metric == "output-mse" else 8
+
+
+def _se(stderr) -> float:
+    """A measurement's standard error, 0 when unknown (one batch)."""
+    return float(stderr) if stderr is not None and math.isfinite(stderr) else 0.0
 
 
 def default_verify_samples(metric: str) -> int:
