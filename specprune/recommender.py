@@ -18,10 +18,11 @@ tolerance at the smallest size.
    that spends what is left of the budget. The budget is 80% of the tolerance (calibration
    windows are not the evaluation windows), each candidate's quantization and truncation parts
    scaled by the slope of their kind's calibration map at that target.
-4. Verification: the chosen plan is applied temporarily and measured on up to 32 calibration
-   windows; the budget is rescaled by target/measured, kept inside the bracket of budgets known
+4. Verification: the chosen plan is applied temporarily and measured on calibration windows held
+   out of the analysis when given (``verify_data``; 16 for output-mse, 32 for losses); the budget is
+   rescaled by target/(measured + one standard error), kept inside the bracket of budgets known
    to meet and to miss the target, and the allocation repeated (at most five rounds). The
-   smallest plan whose measurement met the target is kept — the uniform settings measured for
+   smallest plan whose measurement plus one standard error met the target is kept — the uniform settings measured for
    the calibration map compete too — and that measurement is its calibrated prediction (the
    model-only prediction is kept in ``details``). When nothing met the target, the plan
    measured closest to it is returned with ``details["warning"]``.
