@@ -130,8 +130,9 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     log(f"analysing: {calib.samples} calibration windows, {calib.tokens} tokens")
     analysis = analyze(loaded.model, calib, include=include, exclude=exclude, device=device,
                        source=loaded.source)
-    if undersampled_note(analysis):
-        warn(undersampled_note(analysis))
+    note = undersampled_note(analysis)
+    if note:
+        warn(note)
     log(f"recommending; {verification_note(verify)}")
     plan = recommend(analysis, tolerance, loaded.model, calib, metric=metric, methods=methods,
                      bits_choices=bits_choices, group_sizes=group_sizes, prune_method=prune_method,

@@ -80,7 +80,10 @@ def check_gradient_defined(model: nn.Module, layers, metric: str, batches) -> No
     from .curvature import unsupported
     from .evaluation import resolve_metric
 
-    why = unsupported(layers, resolve_metric(metric, model, batches))
+    _refuse_gradient(unsupported(layers, resolve_metric(metric, model, batches)))
+
+
+def _refuse_gradient(why: str | None) -> None:
     if why:
         raise InputError(f"--sensitivity gradient is not defined here: {why}; use --sensitivity probe")
 
@@ -379,14 +382,13 @@ class Recommender:
             windows = _subset(batches, sensitivity_samples)
             self.details["sensitivity_windows"] = windows.samples
             self.sens = self._sensitivities(sensitivity, windows, metric, seed)
+            # windows the analysis did not see give predictions out of its sample; else the calibration data
             self.in_sample = verify_data is None
-            if verify_data is not None:  # windows the analysis did not see: predictions out of its sample
-                vb = verify_data if isinstance(verify_data, Batches) else from_iterable(verify_data)
-                self.details["verification_windows"] = f"{min(vb.samples, verify_samples)} held out of the analysis"
-            else:
-                vb = batches
-                self.details["verification_windows"] = (f"{min(vb.samples, verify_samples)} of the calibration data "
-                                                        "(in-sample where the analysis was made on them)")
+            vb = batches if self.in_sample else \
+                verify_data if isinstance(verify_data, Batches) else from_iterable(verify_data)
+            where = "of the calibration data (in-sample where the analysis was made on them)" if self.in_sample \
+                else "held out of the analysis"
+            self.details["verification_windows"] = f"{min(vb.samples, verify_samples)} {where}"
             self.verifier = Evaluator(model, _subset(vb, verify_samples), metric, description="reference")
             self.cmap, self.rmap, self.measured_uniform = _calibrate_map(
                 model, self.layers, self.options, self.sens, self.geoms, self.verifier, bits_choices,
@@ -411,10 +413,10 @@ class Recommender:
         from . import curvature
         from .evaluation import Evaluator, resolve_metric
 
-        if mode == "gradient":
-            check_gradient_defined(self.model, self.layers, metric, windows)
         name = resolve_metric(metric, self.model, windows)
         why = curvature.unsupported(self.layers, name)
+        if mode == "gradient":
+            _refuse_gradient(why)
         probed = self.layers
         sens: dict[str, LayerSensitivity] = {}
         skipped: dict[str, str] = {}

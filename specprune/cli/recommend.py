@@ -135,7 +135,7 @@ def recommend_cmd(
         if out is not None:
             check_output_path(out, inputs, overwrite)
     calib = spec.calibration(loaded.tokenizer) if data else None
-    made_on = analysis.calibration.get("samples") if isinstance(analysis.calibration, dict) else None
+    made_on = analysis.calibration.get("samples")  # a saved analysis may have used more windows than --samples
     verify = spec.verification(loaded.tokenizer, after=made_on if isinstance(made_on, int) else 0) if data else None
     if data:
         ctx.info(verification_note(verify))
