@@ -117,6 +117,7 @@ class InputGroup:
     dim: int = 0  # d (0: len(eigenvalues), a full solve)
     tail_trace: float = 0.0  # Σ of the unsolved eigenvalues (truncated solves)
     solver: dict = field(default_factory=dict)  # how the group was solved (method, residuals, …)
+    sampling: dict = field(default_factory=dict)  # token sampling (GramAccumulator.sampling); {}: every token
 
     def __post_init__(self) -> None:
         if not self.dim:
@@ -126,6 +127,11 @@ class InputGroup:
     @property
     def truncated(self) -> bool:
         return len(self.eigenvalues) < self.dim
+
+    @property
+    def effective_tokens(self) -> int:
+        """Tokens whose features entered the covariance: the kept ones of a sampled group."""
+        return int(self.sampling.get("kept_tokens", self.tokens)) if self.sampling else self.tokens
 
     def covariance(self) -> np.ndarray:
         """Σ = U Λ Uᵀ; for a truncated group U_k Θ_k U_kᵀ + σ²(I − U_k U_kᵀ), σ² = tail_trace/(d − k)."""
@@ -230,7 +236,7 @@ class Analysis:
             groups[key] = InputGroup(key, int(meta["tokens"]), arrays[f"group.{key}.eigenvalues"],
                                      arrays[f"group.{key}.eigenvectors"], list(meta["layers"]),
                                      dim=int(meta.get("dim", 0)), tail_trace=float(meta.get("tail_trace", 0.0)),
-                                     solver=dict(meta.get("solver", {})))
+                                     solver=dict(meta.get("solver", {})), sampling=dict(meta.get("sampling", {})))
         layers = []
         fields = set(LayerAnalysis.__dataclass_fields__) - {"eigenvalues", "mode_energy"}
         required = {k for k, f in LayerAnalysis.__dataclass_fields__.items()
@@ -258,6 +264,8 @@ def _group_meta(g: InputGroup) -> dict:
     meta = {"tokens": g.tokens, "layers": g.layers}
     if g.truncated or g.solver:
         meta.update(dim=g.dim, tail_trace=g.tail_trace, solver=g.solver)
+    if g.sampling:
+        meta["sampling"] = g.sampling
     return meta
 
 
@@ -353,10 +361,45 @@ def undersampled_note(analysis: "Analysis") -> str | None:
     low = [lay for lay in analysis.layers if any(f.startswith("undersampled") for f in lay.flags)]
     if not low:
         return None
-    worst = min(low, key=lambda lay: lay.tokens / max(lay.d_in, 1))
+    def seen(lay: LayerAnalysis) -> int:
+        g = analysis.groups.get(lay.input_group)
+        return g.effective_tokens if g is not None else lay.tokens
+
+    worst = min(low, key=lambda lay: seen(lay) / max(lay.d_in, 1))
     return (f"{len(low)} layer(s) saw fewer than {UNDERSAMPLED_PER_DIM} calibration tokens per input dimension (e.g. "
-            f"{worst.name}: {worst.tokens} for {worst.d_in}): their fitted exponents come out steeper than the "
+            f"{worst.name}: {seen(worst)} for {worst.d_in}): their fitted exponents come out steeper than the "
             "spectrum's (b +10% at 2 per dimension); calibrate on more tokens (--samples, --seq-len)")
+
+
+def _worst_sampling_se(sampling: dict, eigenvalues: np.ndarray, k_star: int | None) -> tuple[int, float]:
+    """How many top eigenvalues the sampling bound covers (k*, else 10) and their worst bound."""
+    from .probe import relative_se_bound
+
+    lam = np.asarray(eigenvalues, dtype=np.float64)[:int(k_star or 10)]
+    return len(lam), max((relative_se_bound(sampling, float(v)) for v in lam), default=0.0)
+
+
+def sampling_flag(sampling: dict, eigenvalues: np.ndarray, k_star: int | None) -> str:
+    """The "sampled" flag of a layer whose input tokens were importance-sampled: how many entered, and the
+    bound on the relative standard error of its top-k* eigenvalues (top 10 without a frontier)."""
+    k, worst = _worst_sampling_se(sampling, eigenvalues, k_star)
+    return (f"sampled: {sampling.get('kept_tokens')} of {sampling.get('tokens')} tokens entered the covariance "
+            f"(norm² importance sampling, {sampling.get('fraction'):g} asked); the top {k} eigenvalues' "
+            f"relative standard error is at most {worst:.1%}")
+
+
+def sampling_note(analysis: "Analysis") -> str | None:
+    """One line on token sampling (None when no group was sampled): the groups, the tokens they kept, and
+    the worst stated bound over their layers' top eigenvalues."""
+    groups = [g for g in analysis.groups.values() if g.sampling]
+    if not groups:
+        return None
+    worst = max(_worst_sampling_se(analysis.groups[lay.input_group].sampling, lay.eigenvalues, lay.k_star)[1]
+                for lay in analysis.layers if analysis.groups[lay.input_group].sampling)
+    kept = sum(g.effective_tokens for g in groups)
+    seen = sum(g.tokens for g in groups)
+    return (f"token sampling: {len(groups)} input(s) ≥ 1024 wide kept {kept} of {seen} tokens ({kept / seen:.0%}); "
+            f"their top eigenvalues' relative standard error is at most {worst:.1%} (stated bound)")
 
 
 def _layer_analysis(layer: TargetLayer, group: InputGroup, skipped: int, total_energy: float | None,
@@ -367,9 +410,12 @@ def _layer_analysis(layer: TargetLayer, group: InputGroup, skipped: int, total_e
     flags = []
     if skipped:
         flags.append(f"nonfinite: {skipped} tokens with NaN/Inf features were left out")
-    if group.tokens < UNDERSAMPLED_PER_DIM * group.dim:
-        flags.append(f"undersampled: {group.tokens} tokens for {group.dim} input dimensions "
-                     f"({group.tokens / max(group.dim, 1):.2g} per dimension): the fitted b is biased upward")
+    seen = group.effective_tokens
+    if seen < UNDERSAMPLED_PER_DIM * group.dim:
+        flags.append(f"undersampled: {seen} tokens for {group.dim} input dimensions "
+                     f"({seen / max(group.dim, 1):.2g} per dimension): the fitted b is biased upward")
+    if group.sampling:
+        flags.append(sampling_flag(group.sampling, group.eigenvalues, s["k_star"]))
     truncation = None
     k_max, r_star, eff_rank = s["k_max"], s["r_star"], s.get("effective_rank")
     if group.truncated:
@@ -521,7 +567,8 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
             source: str | None = None, tokenizer=None, samples: int = 128, seq_len: int = 128,
             batch_size: int = 8, seed: int = 0, offload: bool | None = None, solver: str = "full",
             top_k: int | None = None, randomized_threshold: int | None = None, precision: str = "auto",
-            memory_check: bool = True, log: Callable[[str], None] | None = None) -> Analysis:
+            token_sample: float | None = None, memory_check: bool = True,
+            log: Callable[[str], None] | None = None) -> Analysis:
     """Hook ``model``'s layers, stream ``data`` through it, and return every layer's spectrum.
 
     ``data``: a :class:`~specprune.data.Batches`, an iterable of batches (tensors or dicts), or
@@ -535,14 +582,18 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     (randomized top-``top_k`` for input widths ≥ ``randomized_threshold``, 8192; the default of the
     ``specprune analyze`` command) or ``randomized`` (every group); ``precision`` — of the full solves:
     ``auto`` (float32 for inputs ≥ 1024 wide with ≥ 2d tokens, else float64; :mod:`specprune.solve`),
-    ``float32`` or ``float64``; ``memory_check`` — estimate and check memory up front (the estimate is
-    recorded in ``Analysis.memory``); ``log`` — receives one-line status messages.
+    ``float32`` or ``float64``; ``token_sample`` — a fraction in (0, 1): inputs ≥ 1024 wide keep about that
+    share of their tokens, drawn with probability ∝ ‖x‖² and weighted 1/p (an unbiased covariance at that
+    share of the Gram work; each such group records ``sampling`` and its layers a "sampled" flag with the
+    bound on their top eigenvalues' relative standard error: :mod:`specprune.probe`; None, the default:
+    every token); ``memory_check`` — estimate and check memory up front (the estimate is recorded in
+    ``Analysis.memory``); ``log`` — receives one-line status messages.
     """
     from .data import Batches, from_iterable, load_data
-    from .distributed import all_reduce_scalars, is_distributed, shard, solve_on_main
+    from .distributed import all_reduce_scalars, is_distributed, rank, shard, solve_on_main
     from .memory import choose_solver
     from .models import eval_mode, model_device, num_parameters, resolve_device, unwrap
-    from .probe import run_probe
+    from .probe import check_sample, run_probe
     from .progress import track
     from .randomized import DEFAULT_THRESHOLD
 
@@ -563,6 +614,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     solver_kw = {"solver": solver, "top_k": top_k, "threshold": threshold}
     choose_solver(1, solver, top_k, threshold)  # validate the options before any work
     solve_precision(1, 1, precision)
+    token_sample = check_sample(token_sample)
     dispatched = _dispatched(model)
     original = model_device(model)
     if dispatched:
@@ -584,7 +636,8 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                                            memory_check, solver_kw, log)
         if moved:
             model.to(dev)
-        probe = run_probe(model, layers, shard(batches.batches), target, offload=use_offload)
+        probe = run_probe(model, layers, shard(batches.batches), target, offload=use_offload,
+                          sample=token_sample, seed=seed + 7919 * rank())  # each rank its own draws
         accs = probe.results()
         for lay in layers:
             members.setdefault(probe.layer_acc[lay.name], []).append(lay)
@@ -595,8 +648,10 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                     acc.gram = torch.zeros(acc.d, acc.d, dtype=torch.float64,
                                            device="cpu" if acc.offload else acc.device)
                 _all_reduce_gram(acc.gram)
-                acc.tokens, acc.skipped_tokens = (int(v) for v in all_reduce_scalars(acc.tokens,
-                                                                                     acc.skipped_tokens))
+                acc.tokens, acc.skipped_tokens, acc.kept_tokens = (
+                    int(v) for v in all_reduce_scalars(acc.tokens, acc.skipped_tokens, acc.kept_tokens))
+                if acc.sample is not None:
+                    (acc.min_scale,) = all_reduce_scalars(acc.min_scale, op="min")
         groups: dict[str, InputGroup] = {}
         skipped: dict[str, int] = {}
         energies: dict[str, float] = {}
@@ -605,20 +660,21 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                 raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
             how, k = choose_solver(acc.d, **solver_kw)
             if how == "full":
-                prec = solve_precision(acc.d, acc.tokens, precision)
+                prec = solve_precision(acc.d, acc.kept_tokens, precision)
                 # under torch.distributed rank 0 solves and broadcasts (every rank holds the same Gram)
                 evals, evecs = solve_on_main(
                     lambda acc=acc, prec=prec: _eigh(acc.gram, acc.tokens, acc.device, prec), acc.d)
                 top = float(evals[0]) if len(evals) else 0.0
                 info = {} if prec == "float64" else {"method": "eigh", "precision": prec,
                                                       "eigenvalue_error_bound": error_bound(acc.d, top, prec)}
-                groups[key] = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers), solver=info)
+                groups[key] = InputGroup(key, acc.tokens, evals, evecs, list(acc.layers), solver=info,
+                                         sampling=acc.sampling)
             else:
                 res, en = _topk(acc.gram, acc.tokens, k, acc.device, members[key], seed)
                 energies.update(en)
                 groups[key] = InputGroup(key, acc.tokens, res.eigenvalues.cpu().numpy(),
                                          res.eigenvectors.cpu().numpy(), list(acc.layers), dim=acc.d,
-                                         tail_trace=res.tail_trace, solver=res.describe())
+                                         tail_trace=res.tail_trace, solver=res.describe(), sampling=acc.sampling)
             skipped[key] = acc.skipped_tokens
             acc.gram = None  # free as we go: one accumulator's solve at a time
         out_layers = summarize_layers([(lay, groups[probe.layer_acc[lay.name]],

@@ -80,23 +80,23 @@ def shard(batches: list, allow_empty: bool = False) -> list:
     return mine
 
 
-def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (no-op when not distributed)."""
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (``op="min"``: the minimum of) ``t`` over ranks in place (no-op when not distributed)."""
     d = _dist()
     if d is not None and d.get_world_size() > 1:
-        d.all_reduce(t, op=d.ReduceOp.SUM)
+        d.all_reduce(t, op=d.ReduceOp.MIN if op == "min" else d.ReduceOp.SUM)
     return t
 
 
-def all_reduce_scalars(*values: float) -> list[float]:
-    """Sum a few Python numbers over ranks (float64)."""
+def all_reduce_scalars(*values: float, op: str = "sum") -> list[float]:
+    """Sum (``op="min"``: the minimum of) a few Python numbers over ranks (float64)."""
     if not is_distributed():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
     d = _dist()
     if d.get_backend() == "nccl":
         t = t.cuda()
-    all_reduce_(t)
+    all_reduce_(t, op)
     return [float(v) for v in t.cpu()]
 
 

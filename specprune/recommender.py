@@ -624,7 +624,7 @@ class Recommender:
         cut = [n for n, o in choice.items() if o.rank is not None]
         if not cut:
             return None
-        ratio = max(self.geoms[n].d_in / max(self.analysis.group_of(n).tokens, 1) for n in cut)
+        ratio = max(self.geoms[n].d_in / max(self.analysis.group_of(n).effective_tokens, 1) for n in cut)
         q, r = choice_parts(choice, self.sens)
         total = self.cmap(q) + self.rmap(r)
         return {"excess": IN_SAMPLE_EXCESS * ratio, "max_d_in_over_tokens": ratio,

@@ -101,6 +101,25 @@ def build_cnn() -> nn.Module:
     return TinyCNN()
 
 
+class WideMLP(nn.Module):
+    """48 → 1024 → 16 features: one input (the second layer's) wide enough for token sampling
+    (``analyze(token_sample=…)`` samples inputs ≥ 1024 wide)."""
+
+    def __init__(self, width: int = 1024):
+        super().__init__()
+        self.up = nn.Linear(48, width)
+        self.down = nn.Linear(width, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def build_wide_mlp() -> nn.Module:
+    """``--arch specprune.toy:build_wide_mlp`` for state-dict tests."""
+    torch.manual_seed(0)
+    return WideMLP()
+
+
 def train_llama(out_dir: str | Path, *, steps: int = 400, hidden: int = 128, layers: int = 2,
                 seq_len: int = 64, batch_size: int = 16, vocab_size: int = 2048, seed: int = 0,
                 log=None) -> Path:

@@ -71,6 +71,12 @@ def analyze_cmd(
     precision: Annotated[str, typer.Option(
         "--precision", help="Precision of the full eigensolves: auto (float32 for inputs ≥ 1024 wide with "
                             "≥ 2× as many tokens, else float64), float32 or float64.")] = "auto",
+    token_sample: Annotated[Optional[float], typer.Option(
+        "--token-sample", help="For inputs ≥ 1024 wide, let about this fraction (0–1) of the tokens into "
+                               "the covariance, drawn ∝ ‖x‖² and weighted 1/p (unbiased; the Gram work of "
+                               "those inputs shrinks in proportion; each such layer is flagged with the "
+                               "bound on its top eigenvalues' relative standard error). Default: every "
+                               "token.")] = None,
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     quiet: QuietOpt = False,
@@ -81,7 +87,7 @@ def analyze_cmd(
     run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, exclude, arch,
                 trust_remote_code, device, overwrite, fmt, quiet,
                 scale={"device_map": device_map, "offload": True if offload else None, "solver": solver,
-                       "top_k": top_k, "precision": precision})
+                       "top_k": top_k, "precision": precision, "token_sample": token_sample})
 
 
 analyze_cmd = command(analyze_cmd)
@@ -89,7 +95,7 @@ analyze_cmd = command(analyze_cmd)
 
 def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, exclude, arch, trust,
                 device, overwrite, fmt, quiet, scale: dict | None = None):
-    from ..analysis import analyze, undersampled_note
+    from ..analysis import analyze, sampling_note, undersampled_note
     from ..data import load_data
     from ..errors import InputError
     from ..io import check_output_path, output_dir
@@ -107,6 +113,10 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
         from ..solve import solve_precision
 
         solve_precision(1, 1, scale["precision"])
+    if scale.get("token_sample") is not None:
+        from ..probe import check_sample
+
+        check_sample(scale["token_sample"], "--token-sample")
     results = []
     for i, m in enumerate(models):
         loaded = load_model(m, arch=arch, trust_remote_code=trust, device_map=device_map)
@@ -116,6 +126,8 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
         res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=loaded.source,
                       log=ctx.info, **scale)
         results.append((m, res))
+        if (sampled := sampling_note(res)) is not None:
+            ctx.info(sampled)
         note = undersampled_note(res)
         if note:
             ctx.warn(note)

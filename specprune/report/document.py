@@ -225,6 +225,17 @@ def _f(v: Any, spec: str = ".3g", none: str = "–") -> str:
     return format(v, spec)
 
 
+def flag_rows(layers: Sequence[Any]) -> list[list[str]]:
+    """The analysis' layer flags by kind (the text before the first ':' — undersampled, sampled,
+    truncated, nonfinite): how many layers carry it, and the first one's flag in full."""
+    kinds: dict[str, list[tuple[str, str]]] = {}
+    for lay in layers:
+        for flag in getattr(lay, "flags", None) or []:
+            kind, _, text = str(flag).partition(":")
+            kinds.setdefault(kind.strip(), []).append((lay.name, text.strip() or kind))
+    return [[kind, str(len(v)), f"{v[0][0]}: {v[0][1]}"] for kind, v in kinds.items()]
+
+
 def _mb(bits: Any) -> str:
     return "–" if bits is None else f"{bits / 8e6:.2f} MB"
 
@@ -387,6 +398,11 @@ class _Builder:
         rows = [[v.name, v.type, v.d_in, v.d_out, _f(v.b, ".2f"), _f(v.a, ".2f"),
                  "none" if v.k_star is None else v.k_star, v.k_max, _f(v.r_star, ".0%")] for v in views]
         d.table(["layer", "type", "d_in", "d_out", "b", "a", "k*", "k_max", "r*"], rows)
+        caveats = flag_rows(a.layers)
+        if caveats:
+            d.table(["caveat", "layers", "for example"], caveats,
+                    note="What the analysis flagged (each layer's flags in analysis.json): read the fits of these "
+                         "layers with it in mind.")
         self.fig("spectra.png", lambda: F.spectra_figure(a, max_layers=self.max_spectra),
                  "Per-layer spectra (log-log): eigenvalues λ_k and mode energies e_k as shares of their totals, "
                  "the fitted power laws k^-b and k^-a, and the learning frontier k* (dashed, uncertainty shaded).")

@@ -577,6 +577,8 @@ OUT_OF_RANGE = [
     ("quantize", ["--group-size", "0"], "--group-size must be positive, got 0"),
     ("recommend", ["--group-size", "-1"], "--group-size must be ≥ 0, got -1"),
     ("analyze", ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:i, got 'tpu'"),
+    *[("analyze", ["--token-sample", v], f"--token-sample must be a fraction in (0, 1], got {float(v)!r}")
+      for v in ("0", "1.5", "-0.5", "nan")],
     ("analyze", ["--include", "re:["], "bad layer pattern 're:[': unterminated character set at position 0"),
 ]
 

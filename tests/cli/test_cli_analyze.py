@@ -4,19 +4,19 @@ series, and the real all-MiniLM-L6-v2 on locally generated English text."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import tree_hash
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
 from specprune.analysis import Analysis
 from specprune.cli.app import app
-
-from conftest import tree_hash
 
 runner = CliRunner()
 
@@ -119,3 +119,29 @@ def test_undersampled_layers_are_flagged_and_warned(tiny_dirs, small_text_file, 
         lay for lay in doc["layers"] if lay["name"] == "pooler.dense")["flags"])
     warned = [ln for ln in stderr.splitlines() if ln.startswith("specprune: warning: ")]
     assert len(warned) == 1 and "fewer than 4 calibration tokens per input dimension" in warned[0], stderr
+
+
+
+def test_analyze_token_sample_flags_the_wide_input_only(tmp_path):
+    from specprune.toy import build_wide_mlp
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in build_wide_mlp().state_dict().items()}, str(weights))
+    data = tmp_path / "x.pt"
+    torch.save({"input": torch.randn(4096, 48)}, str(data))
+    args = ["analyze", str(weights), "--arch", "specprune.toy:build_wide_mlp", "--data", str(data),
+            "--samples", "4096", "--batch-size", "1024", "--format", "json", "--out", str(tmp_path / "a")]
+    code, stdout, stderr = _run([*args, "--token-sample", "0.5"])
+    assert code == 0, stderr
+    flags = {lay["name"]: lay["flags"] for lay in json.loads(stdout)["layers"]}
+    assert not any(f.startswith("sampled") for f in flags["up"])
+    (flag,) = [f for f in flags["down"] if f.startswith("sampled")]
+    kept, seen = (int(v) for v in re.match(r"sampled: (\d+) of (\d+) tokens entered the covariance", flag).groups())
+    assert 0.4 * seen < kept < 0.6 * seen
+    assert Analysis.load(tmp_path / "a").groups["down"].sampling["fraction"] == 0.5
+    code, _, stderr = _run([a for a in args if a not in ("--format", "json", "--out", str(tmp_path / "a"))]
+                           + ["--token-sample", "0.5"])
+    assert code == 0, stderr
+    assert re.search(r"token sampling: 1 input\(s\) ≥ 1024 wide kept \d+ of 3072 tokens \(\d+%\); their top "
+                     r"eigenvalues' relative standard error is at most [\d.]+% \(stated bound\)", stderr)

@@ -126,3 +126,34 @@ def test_recommend_sensitivities_torchrun_match_single_process(tiny_dirs, small_
             {k: v for k, v in la.items() if k != "predicted_delta"}, name
         assert lb["predicted_delta"] == pytest.approx(la["predicted_delta"], rel=1e-6, abs=1e-15), name
     assert b["predicted_delta"] == pytest.approx(a["predicted_delta"], rel=1e-6, abs=1e-12)
+
+
+def test_analyze_torchrun_token_sample_sums_kept_tokens_and_keeps_the_smallest_scale(tmp_path):
+    """``--token-sample`` under torchrun: the kept tokens are summed over ranks, the bound's scale is the
+    smallest any rank used, and the top eigenvalues stay within the stated error of the all-token run."""
+    import torch
+    from safetensors.torch import save_file
+
+    from specprune.analysis import Analysis
+    from specprune.probe import relative_se_bound
+    from specprune.toy import build_wide_mlp
+
+    weights = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in build_wide_mlp().state_dict().items()}, str(weights))
+    data = tmp_path / "x.pt"
+    torch.manual_seed(0)
+    torch.save({"input": torch.randn(8192, 48) * torch.logspace(0, -1, 48)}, str(data))
+    args = ["analyze", str(weights), "--arch", "specprune.toy:build_wide_mlp", "--data", str(data),
+            "--samples", "8192", "--batch-size", "1024", "--format", "json"]
+    exact = _run([*args, "--out", str(tmp_path / "exact")])
+    _run([*args, "--token-sample", "0.5", "--out", str(tmp_path / "dist")], ranks=2)
+    a, b = Analysis.load(tmp_path / "exact"), Analysis.load(tmp_path / "dist")
+    info = b.groups["down"].sampling
+    tokens = exact["calibration"]["tokens"]
+    assert info["tokens"] == tokens == b.groups["down"].tokens and info["fraction"] == 0.5
+    assert 0.45 * tokens < info["kept_tokens"] < 0.55 * tokens and info["scale"] > 0
+    assert b.groups["up"].sampling == {}
+    np.testing.assert_allclose(b.groups["up"].eigenvalues, a.groups["up"].eigenvalues, rtol=1e-6,
+                               atol=1e-10 * float(a.groups["up"].eigenvalues[0]))
+    for ref, got in zip(a.groups["down"].eigenvalues[:10], b.groups["down"].eigenvalues[:10]):
+        assert abs(got / ref - 1) < 4 * relative_se_bound(info, float(ref))

@@ -390,8 +390,18 @@ def test_report_of_compress_dir(compressed, tmp_path):
     # reads top-down
     pos = [html.index(s) for s in ("What was analysed", "What is recommended and why", "What was measured")]
     assert pos == sorted(pos)
-    for lay in json.loads((compressed["compressed"] / "analysis" / "analysis.json").read_text())["layers"]:
+    layers = json.loads((compressed["compressed"] / "analysis" / "analysis.json").read_text())["layers"]
+    for lay in layers:
         assert lay["name"] in html
+    # every kind of flag the analysis raised is reported, with how many layers carry it
+    kinds = {}
+    for lay in layers:
+        for flag in lay["flags"]:
+            kinds.setdefault(flag.split(":")[0], []).append(lay["name"])
+    assert kinds, "the tiny calibration (16 x 32 tokens) leaves wide inputs undersampled"
+    for kind, names in kinds.items():
+        assert re.search(rf"<td>{kind}</td>\s*<td>{len(names)}</td>", html), kind
+        assert f"| {kind} | {len(names)} |" in md, kind
 
 
 def test_compress_writes_its_own_report(compressed):
