@@ -9,7 +9,8 @@
 2. ``specprune.recommend`` with pruning only: the calibrated ranks that keep the predicted metric
    increase under ``--tolerance``.
 3. ``specprune.apply_`` on a copy and ``specprune.evaluate`` on held-apart windows: predicted vs measured.
-4. The analysis and the plan are saved and turned into a report (the same as ``specprune report``).
+4. The analysis and the plan are saved and turned into a report in ``OUT-report`` (the same as
+   ``specprune report``).
 
 The CLI equivalent of steps 1–2:
 ``specprune analyze MODEL --data D --out A && specprune recommend A --methods prune --tolerance T --out plan.json``.
@@ -47,22 +48,42 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="Hugging Face model directory (default: all-MiniLM-L6-v2 or a trained Llama)")
     ap.add_argument("--data", help="calibration text (.txt/.jsonl or a directory; default: generated text)")
-    ap.add_argument("--out", default="specprune-example-analysis", help="new directory for the results")
+    ap.add_argument("--out", default="specprune-example-analysis",
+                    help="new directory for the results; the report goes beside it, to OUT-report")
     ap.add_argument("--tolerance", type=float, default=0.02, help="largest acceptable relative metric increase")
     ap.add_argument("--samples", type=int, default=64, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out and OUT-report")
     args = ap.parse_args(argv)
 
+    from specprune.demo import demo_directory
+    from specprune.errors import SpecpruneError
+    from specprune.io import check_output_path
+
+    out = Path(args.out)
+    report = out.parent / f"{out.name}-report"
+    inputs = [p for p in (args.model, args.data) if p]
+    try:
+        # both outputs are checked before any work, as the CLI does; --out is written whole or not at all
+        # (an --overwrite target is put back if the run fails) and the report replaces OUT-report whole
+        check_output_path(out, inputs, args.overwrite)
+        check_output_path(report, inputs, args.overwrite)
+        with demo_directory(out, args.overwrite, inputs, what="examples/analyze_before_pruning.py"):
+            run(args, out, report)
+    except SpecpruneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace, out: Path, report: Path) -> None:
     import specprune
+    from specprune.analysis import sampling_note, undersampled_note
     from specprune.data import load_data
-    from specprune.io import check_output_path, dumps
+    from specprune.io import dumps
     from specprune.report import write_report
     from specprune.textgen import write_text
 
-    out = Path(args.out)
-    check_output_path(out, [p for p in (args.model, args.data) if p], args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     model_path = args.model or default_model(out)
     data = args.data or str(write_text(out / "data" / "text.txt", max_words=40_000))
 
@@ -86,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{lay.name:<48} {b:>5} {a:>5} {ks:>5} {lay.k_max:>6} {rs:>10}")
     fronts = [lay for lay in analysis.layers if lay.k_star is not None]
     print(f"\n{len(fronts)} of {len(analysis.layers)} layers show a learning frontier.")
+    # what `specprune analyze` warns about: too few tokens per input dimension (b biased upward), token sampling
+    for note in (sampling_note(analysis), undersampled_note(analysis)):
+        if note:
+            print(f"warning: {note}")
 
     # 2. calibrated pruning plan for the tolerance
     plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib, methods=("prune",),
@@ -95,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan: {len(pruned)} layers factorized; predicted delta {plan.predicted_delta:.4g} "
           f"± {plan.predicted_delta_uncertainty:.2g}; parameters {plan.size['params_before']:,} → "
           f"{plan.size['params_after']:,}")
+    if plan.details.get("warning"):
+        print(f"warning: {plan.details['warning']}")
     for name, lp in pruned:
         k_star = analysis.layer(name).k_star
-        print(f"  {name}: rank {lp.rank} (k* = {k_star}), {lp.prune_rate:.0%} of its weights removed")
+        front = "no frontier detected" if k_star is None else f"k* = {k_star}"
+        print(f"  {name}: rank {lp.rank} ({front}), {lp.prune_rate:.0%} of its weights removed")
 
     # 3. apply to a copy and measure on windows calibration never saw
     compressed = specprune.apply_(copy.deepcopy(model), plan, analysis=analysis)
@@ -107,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "evaluation.json").write_text(dumps(ev.to_dict()), encoding="utf-8")
 
     # 4. report (figures + report.html)
-    rep = write_report([out / "analysis", out / "plan.json", out / "evaluation.json"], out.parent / f"{out.name}-report",
+    rep = write_report([out / "analysis", out / "plan.json", out / "evaluation.json"], report,
                        overwrite=args.overwrite)
     print(f"report: {rep['report']}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -57,20 +57,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=0.02, help="largest acceptable relative metric increase")
     ap.add_argument("--samples", type=int, default=64, help="calibration windows (as many again for evaluation)")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (whole)")
     args = ap.parse_args(argv)
 
+    from specprune.demo import demo_directory
+    from specprune.errors import SpecpruneError
+
+    out = Path(args.out)
+    inputs = [p for p in (args.model, args.data) if p]
+    try:
+        # like the CLI: an existing --out only with --overwrite, replaced whole (put back if the run fails)
+        with demo_directory(out, args.overwrite, inputs, what="examples/compression_workflow.py"):
+            return run(args, out)
+    except SpecpruneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, out: Path) -> int:
     import torch
     import transformers
 
     import specprune
+    from specprune.analysis import sampling_note, undersampled_note
+    from specprune.errors import SpecpruneError
     from specprune.evaluation import output_tensor
-    from specprune.io import check_output_path
     from specprune.textgen import write_text
 
-    out = Path(args.out)
-    check_output_path(out, [p for p in (args.model, args.data) if p], args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     model_path = args.model or default_model(out)
     text_path = Path(args.data) if args.data else write_text(out / "text.txt", max_words=60_000)
 
@@ -90,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1-2. analyze and recommend with the workflow's own batches
     analysis = specprune.analyze(model, calib, source=model_path)
     analysis.save(out / "analysis")
+    for note in (sampling_note(analysis), undersampled_note(analysis)):  # what `specprune analyze` warns about
+        if note:
+            print(f"warning: {note}")
     plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib, verify_data=checks)
+    if plan.details.get("warning"):
+        print(f"warning: {plan.details['warning']}")
 
     # the workflow's policy: no pruning in the first and last blocks (quantization stays allowed)
     blocks = sorted({int(m.group(1)) for n in plan.layers if (m := re.search(r"\.(\d+)\.", n))})
@@ -99,16 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         m = re.search(r"\.(\d+)\.", name)
         if m and int(m.group(1)) in edge and lp.method is not None:
             lp.method, lp.rank, lp.prune_rate = None, None, 0.0
-    # an edited plan: its size is recomputed; its prediction is the unedited plan's, an upper bound here
-    # (the edit only takes truncations out), and the file says so
+    # an edited plan: its size is recomputed; its prediction stays the unedited plan's, and the file says so.
+    # The edit only takes truncations out, so the edited plan is expected to cost about that or less; it is an
+    # estimate with the stated uncertainty, not a bound (a measurement on other windows may come out above it)
     from specprune.compress.apply import plan_size
 
     plan.size = plan_size(model, plan)
     plan.details["edited"] = (f"blocks {sorted(edge)} kept out of pruning after the recommendation: predicted_delta "
-                              "is the unedited plan's (an upper bound, the edit only removes truncations)")
+                              "is the unedited plan's; the edit only removes truncations, so the edited plan's "
+                              "delta is expected at or below it (an estimate with its uncertainty, not a bound)")
     plan.save(out / "plan.json")
     print(f"plan: predicted delta {plan.predicted_delta:.4g} ± {plan.predicted_delta_uncertainty:.2g} "
-          f"(before the edit), blocks {sorted(edge)} kept out of pruning")
+          f"(the unedited plan's; the edit should only lower it), blocks {sorted(edge)} kept out of pruning")
 
     # 3. apply to a copy, measure on held-apart windows
     compressed = specprune.apply_(copy.deepcopy(model), plan, analysis=analysis)
@@ -121,12 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     saved = out / "compressed"
     cmd = [sys.executable, "-m", "specprune", "apply", model_path, "--plan", str(out / "plan.json"),
            "--analysis", str(out / "analysis"), "--out", str(saved), "--format", "json"]
-    if args.overwrite:
-        cmd.append("--overwrite")
     res = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if res.returncode != 0:
-        print(res.stderr, file=sys.stderr)
-        return res.returncode
+        raise SpecpruneError(f"specprune apply failed: {res.stderr.strip()}")
     print(f"saved: {json.loads(res.stdout)['output']}")
     reloaded = specprune.load(saved)
     with torch.inference_mode():

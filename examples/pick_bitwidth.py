@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = sorted({int(b) for b in args.bits.split(",") if b.strip()}, reverse=True)
 
     import specprune
+    from specprune.analysis import sampling_note, undersampled_note
     from specprune.data import load_data
     from specprune.plan import Plan
     from specprune.textgen import write_text
@@ -68,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     held = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="evaluation")
 
     analysis = specprune.analyze(model, calib, source=model_path)
+    for note in (sampling_note(analysis), undersampled_note(analysis)):  # what `specprune analyze` warns about
+        if note:
+            print(f"warning: {note}")
     plan = specprune.recommend(analysis, args.tolerance, model=model, data=calib, methods=("quantize",),
                                bits_choices=tuple(range(2, 9)))
+    if plan.details.get("warning"):
+        print(f"warning: {plan.details['warning']}")
     names = [lay.name for lay in analysis.layers]
 
     def measure(p: Plan) -> float:
@@ -93,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         if lp.bits is not None:
             hist[lp.bits] = hist.get(lp.bits, 0) + 1
     mix = ", ".join(f"{n}×int{b}" for b, n in sorted(hist.items())) or "nothing quantized"
-    print(f"\nrecommended mix: {mix}; size {plan.size['bits_after'] / 8e6:.2f} MB; predicted δ "
+    mix_mb = plan.size["bits_after"] / 8e6
+    print(f"\nrecommended mix: {mix}; size {mix_mb:.2f} MB; predicted δ "
           f"{plan.predicted_delta:.4g} ± {plan.predicted_delta_uncertainty:.2g}, measured δ {mixed:.4g}")
     if best is not None:
         print(f"smallest uniform width inside the tolerance: int{best[0]} ({best[1]:.2f} MB, δ {best[2]:.4g})")
+        saved = best[1] - mix_mb
+        print(f"the mix saves {saved:.2f} MB ({saved / best[1]:.0%}) beyond int{best[0]}" if saved >= 0 else
+              f"the mix saves nothing beyond int{best[0]}: it is {-saved:.2f} MB larger")
         print(f"  → specprune quantize {model_path} --bits {best[0]} --out model-int{best[0]}")
     else:
         print("no uniform width tried stays inside the tolerance")

@@ -6,7 +6,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "analyze", "Analysis", "recommend", "Plan", "apply_", "evaluate",
-           "Evaluation", "load", "theory"]
+           "Evaluation", "load", "theory", "InSampleVerificationWarning", "IdentityCovarianceWarning",
+           "PluginWarning"]
 
 
 def __getattr__(name):  # lazy: importing specprune stays cheap and side-effect free
@@ -22,10 +23,18 @@ def __getattr__(name):  # lazy: importing specprune stays cheap and side-effect 
         from .plan import Plan
 
         return Plan
-    if name == "apply_":
-        from .compress.apply import apply_
+    if name in ("apply_", "IdentityCovarianceWarning"):
+        from .compress import apply as _apply
 
-        return apply_
+        return getattr(_apply, name)
+    if name == "InSampleVerificationWarning":
+        from .recommender import InSampleVerificationWarning
+
+        return InSampleVerificationWarning
+    if name == "PluginWarning":
+        from .registry import PluginWarning
+
+        return PluginWarning
     if name in ("evaluate", "Evaluation"):
         from . import evaluation as _ev
 

@@ -74,6 +74,7 @@ class LayerAnalysis:
     eigenvalues: np.ndarray | None = field(default=None, repr=False)
     mode_energy: np.ndarray | None = field(default=None, repr=False)
     truncation: dict | None = None  # top-k solve: {"modes_solved", "tail_modes", "tail_energy", ...}
+    sampling: dict | None = None  # token-sampled input: its group's record (probe.GramAccumulator.sampling)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "type": self.type, "d_in": self.d_in, "d_out": self.d_out,
@@ -82,6 +83,8 @@ class LayerAnalysis:
              "input_group": self.input_group, "skipped_tokens": self.skipped_tokens, "flags": self.flags}
         if self.truncation is not None:
             d["truncation"] = self.truncation
+        if self.sampling:
+            d["sampling"] = self.sampling
         return d
 
     @property
@@ -241,10 +244,21 @@ class Analysis:
         fields = set(LayerAnalysis.__dataclass_fields__) - {"eigenvalues", "mode_energy"}
         required = {k for k, f in LayerAnalysis.__dataclass_fields__.items()
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        def bad(why: str) -> InputError:
+            return InputError(f"{jf} is not a specprune analysis: {why}")
+
+        if not isinstance(layers_doc, list):
+            raise bad(f"'layers' must be a list of layer objects, got {type(layers_doc).__name__}")
+        for key in ("model", "calibration", "memory"):
+            if not isinstance(doc.get(key, {}), dict):
+                raise bad(f"'{key}' must be an object, got {type(doc[key]).__name__}")
         for i, ld in enumerate(layers_doc):
-            if not isinstance(ld, dict) or not required <= set(ld):
-                lacking = sorted(required - set(ld)) if isinstance(ld, dict) else ["(not an object)"]
-                raise InputError(f"{jf} is not a specprune analysis: layer entry {i} lacks {', '.join(lacking[:5])}")
+            if not isinstance(ld, dict):
+                raise bad(f"layer entry {i} is not an object")
+            if not required <= set(ld):
+                raise bad(f"layer entry {i} lacks {', '.join(sorted(required - set(ld))[:5])}")
+            if (why := _layer_field_error(ld)) is not None:
+                raise bad(f"layer entry {i}: {why}")
             kw = {k: v for k, v in ld.items() if k in fields}
             lay = LayerAnalysis(**kw)
             lay.mode_energy = arrays.get(f"layer.{lay.name}.mode_energy")
@@ -258,6 +272,24 @@ class Analysis:
     @property
     def has_spectra(self) -> bool:
         return bool(self.groups) and all(lay.mode_energy is not None for lay in self.layers)
+
+
+_LAYER_TYPES = {"name": (str,), "type": (str,), "d_in": (int,), "d_out": (int,), "tokens": (int,),
+                "k_max": (int,), "b": (int, float, type(None)), "a": (int, float, type(None)),
+                "k_star": (int, type(None)), "r_star": (int, float, type(None)), "fit": (dict,),
+                "input_group": (str,), "skipped_tokens": (int,), "flags": (list,),
+                "truncation": (dict, type(None)), "sampling": (dict, type(None))}
+
+
+def _layer_field_error(ld: dict) -> str | None:
+    """What is wrong with a layer entry's field types (None when nothing is)."""
+    for key, types in _LAYER_TYPES.items():
+        if key in ld and (isinstance(ld[key], bool) or not isinstance(ld[key], types)):
+            want = " or ".join("null" if t is type(None) else {"str": "a string", "int": "an integer",
+                                                                "float": "a number", "dict": "an object",
+                                                                "list": "a list"}[t.__name__] for t in types)
+            return f"'{key}' must be {want}, got {json.dumps(ld[key])[:40]}"
+    return None
 
 
 def _group_meta(g: InputGroup) -> dict:
@@ -384,7 +416,7 @@ def sampling_flag(sampling: dict, eigenvalues: np.ndarray, k_star: int | None) -
     bound on the relative standard error of its top-k* eigenvalues (top 10 without a frontier)."""
     k, worst = _worst_sampling_se(sampling, eigenvalues, k_star)
     return (f"sampled: {sampling.get('kept_tokens')} of {sampling.get('tokens')} tokens entered the covariance "
-            f"(norm² importance sampling, {sampling.get('fraction'):g} asked); the top {k} eigenvalues' "
+            f"(norm² importance sampling, {sampling.get('fraction'):.12g} asked); the top {k} eigenvalues' "
             f"relative standard error is at most {worst:.1%}")
 
 
@@ -440,7 +472,7 @@ def _layer_analysis(layer: TargetLayer, group: InputGroup, skipped: int, total_e
         b=s["b"], a=s["a"], k_star=s["k_star"], k_max=k_max, r_star=r_star, fit=s["fit"],
         effective_rank=eff_rank, input_group=group.key, skipped_tokens=skipped,
         flags=flags, eigenvalues=group.eigenvalues, mode_energy=np.asarray(spec.mode_energy),
-        truncation=truncation)
+        truncation=truncation, sampling=dict(group.sampling) or None)
 
 
 def _dispatched(model: nn.Module) -> bool:
@@ -651,13 +683,17 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
                 acc.tokens, acc.skipped_tokens, acc.kept_tokens = (
                     int(v) for v in all_reduce_scalars(acc.tokens, acc.skipped_tokens, acc.kept_tokens))
                 if acc.sample is not None:
-                    (acc.min_scale,) = all_reduce_scalars(acc.min_scale, op="min")
+                    (acc.max_variance,) = all_reduce_scalars(acc.max_variance, op="max")
         groups: dict[str, InputGroup] = {}
         skipped: dict[str, int] = {}
         energies: dict[str, float] = {}
         for key, acc in track(list(accs.items()), "eigensolves"):
             if acc.gram is None or acc.tokens == 0:
-                raise InputError(f"layer {key} saw no finite features (all NaN/Inf or no tokens)")
+                raise InputError(f"layer {key} saw no finite features (all NaN/Inf, too large for a float32 Gram "
+                                 "(|x| > 1.8e19), or no tokens)")
+            if acc.kept_tokens == 0:
+                raise InputError(f"layer {key}: token sampling kept none of its {acc.tokens} tokens; raise "
+                                 "--token-sample or calibrate on more tokens")
             how, k = choose_solver(acc.d, **solver_kw)
             if how == "full":
                 prec = solve_precision(acc.d, acc.kept_tokens, precision)
@@ -685,6 +721,8 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
             model.to(original)
         modes.close()
     calib = batches.describe()
+    if token_sample is not None:
+        calib["token_sample"] = token_sample
     info = {"source": source or type(model).__name__, "num_parameters": num_parameters(model),
             "architecture": type(model).__name__, "fingerprint": _fingerprint(model)}
     return Analysis(info, calib, out_layers, groups, seconds=time.perf_counter() - t0, memory=memory)

@@ -8,7 +8,9 @@ and ``samples`` windows are drawn, without replacement, from the rest for calibr
 Tensor files (``.pt``/``.safetensors`` holding ``input`` and optional ``labels``, or a
 ``.npy`` array) serve non-text models; from Python any iterable of batches (tensors or dicts
 of tensors) works. A batch is always a dict; ``attention_mask`` marks the positions that
-count (padding is masked and never enters a covariance or a metric).
+count (padding is masked and never enters a covariance or a metric). Tokens are counted as the
+positions a sequence model sees: ``input_ids`` (or a 3-D ``input``, samples × positions × features)
+counts samples × positions, any other ``input`` (features, images) one per sample.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     x = batch.get("input_ids", batch.get("input"))
     if x is None:
         return 0
-    return int(x.shape[0] * (x.shape[1] if x.dim() > 1 and "input_ids" in batch else 1))
+    per = x.shape[1] if ("input_ids" in batch and x.dim() > 1) or x.dim() == 3 else 1
+    return int(x.shape[0] * per)
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -90,12 +93,19 @@ def _collect_files(paths: Sequence[str | os.PathLike], suffixes) -> list[Path]:
                 if suffixes in (TEXT_SUFFIXES, TENSOR_SUFFIXES) and len(paths) > 1 \
                         and any(f.suffix in other for f in _walk(path)):
                     raise InputError(_mixed_message(next(q for q in paths if Path(q) != path), p))
-                raise InputError(f"data directory {p} holds no {'/'.join(suffixes)} files")
+                hint = ""
+                if suffixes == TEXT_SUFFIXES and any(f.suffix.lower() in TENSOR_SUFFIXES for f in _walk(path)):
+                    hint = " (a directory is read as text; pass tensor files themselves: --data a.pt --data b.pt)"
+                elif any(f.suffix.lower() in suffixes and f.suffix not in suffixes for f in _walk(path)):
+                    hint = f" (suffixes are lower case: {', '.join(suffixes)})"
+                raise InputError(f"data directory {p} holds no {'/'.join(suffixes)} files{hint}")
             files.extend(found)
         elif path.suffix in suffixes:
             files.append(path)
         else:
-            raise InputError(f"unsupported data file {p}: expected {', '.join(suffixes)} or a directory")
+            also = f", or tensors ({', '.join(TENSOR_SUFFIXES)})" if suffixes == TEXT_SUFFIXES else ""
+            case = " (suffixes are lower case)" if path.suffix.lower() in (*TEXT_SUFFIXES, *TENSOR_SUFFIXES) else ""
+            raise InputError(f"unsupported data file {p}: expected {', '.join(suffixes)} or a directory{also}{case}")
     return files
 
 
@@ -141,7 +151,7 @@ def read_texts(paths: Sequence[str | os.PathLike], what: str = "calibration text
     docs: list[str] = []
     for f in _collect_files(paths, TEXT_SUFFIXES):
         try:
-            raw = f.read_text(encoding="utf-8")
+            raw = f.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark (Windows tools) is dropped
         except UnicodeDecodeError as err:
             raise InputError(f"{f} is not UTF-8 text (byte {err.start}): convert it to UTF-8") from None
         except OSError as err:

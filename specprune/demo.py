@@ -83,10 +83,12 @@ class DemoSettings:
 
 
 @contextlib.contextmanager
-def demo_directory(out: str | Path, overwrite: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+def demo_directory(out: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = (),
+                   what: str = "specprune demo") -> Iterator[Path]:
     """Create ``out`` fresh (an existing one only with ``overwrite``: moved aside, and put back if the
     demo fails); an ``INCOMPLETE`` marker stays until the block succeeds; on failure ``out`` is removed.
-    An ``out`` that is, lies inside or contains one of ``inputs`` is refused, ``overwrite`` or not."""
+    An ``out`` that is, lies inside or contains one of ``inputs`` is refused, ``overwrite`` or not.
+    ``what`` names the writer in the marker (the examples use it too)."""
     target = check_output_path(out, inputs, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     aside = None
@@ -95,7 +97,7 @@ def demo_directory(out: str | Path, overwrite: bool = False, inputs: Sequence[Pa
         os.replace(target, aside / "x")
     target.mkdir()
     marker = target / MARKER
-    marker.write_text("specprune demo running or interrupted; this folder is not complete\n", encoding="utf-8")
+    marker.write_text(f"{what} running or interrupted; this folder is not complete\n", encoding="utf-8")
     try:
         yield target
         marker.unlink()
@@ -230,6 +232,8 @@ def run_sweep(source: str, analysis_dir: Path, plan_path: Path, spec, settings: 
         if measure:
             with apply_temporarily(model, uplan, analysis):
                 pt["measured_delta"] = float(evaluator.delta(model, f"sweep {pt['setting']}"))
+                se = evaluator.last_stderr
+                pt["measured_delta_stderr"] = float(se) if math.isfinite(se) else None
             pt["size"] = plan_size(model, uplan)
             log(f"  {pt['setting']}: predicted {_g(pt['predicted_delta'])}, measured {_g(pt['measured_delta'])}")
         points.append(pt)
@@ -287,10 +291,12 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None, overwrite
             "metric": result.get("metric"), "tolerance": s.tolerance,
             "predicted_delta": result.get("predicted_delta"),
             "predicted_delta_uncertainty": result.get("predicted_delta_uncertainty"),
-            "measured_delta": result.get("measured_delta"), "within_tolerance": result.get("within_tolerance"),
+            "measured_delta": result.get("measured_delta"),
+            "measured_delta_stderr": result.get("measured_delta_stderr"),
+            "within_tolerance": result.get("within_tolerance"),
             "size": result.get("size"),
             "sweep": [{k: p.get(k) for k in ("setting", "predicted_delta", "predicted_delta_uncertainty",
-                                             "measured_delta")} for p in sweep["points"]],
+                                             "measured_delta", "measured_delta_stderr")} for p in sweep["points"]],
             "settings": {"samples": s.samples, "seq_len": s.seq_len, "eval_windows": sweep["eval_windows"],
                          "prune_method": s.prune_method, "seed": s.seed},
         }

@@ -81,15 +81,15 @@ def shard(batches: list, allow_empty: bool = False) -> list:
 
 
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum (``op="min"``: the minimum of) ``t`` over ranks in place (no-op when not distributed)."""
+    """Sum (``op="max"``: the maximum of) ``t`` over ranks in place (no-op when not distributed)."""
     d = _dist()
     if d is not None and d.get_world_size() > 1:
-        d.all_reduce(t, op=d.ReduceOp.MIN if op == "min" else d.ReduceOp.SUM)
+        d.all_reduce(t, op=d.ReduceOp.MAX if op == "max" else d.ReduceOp.SUM)
     return t
 
 
 def all_reduce_scalars(*values: float, op: str = "sum") -> list[float]:
-    """Sum (``op="min"``: the minimum of) a few Python numbers over ranks (float64)."""
+    """Sum (``op="max"``: the maximum of) a few Python numbers over ranks (float64)."""
     if not is_distributed():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)

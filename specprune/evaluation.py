@@ -197,7 +197,8 @@ def metric_function(name: str) -> Callable:
         fn = import_callable(name, "--metric")
     else:
         obj = registry.get("metrics", name)
-        fn = obj() if isinstance(obj, type) else obj
+        with registry.blame("metrics", name):  # a plugin's __init__ raising: one line naming it
+            fn = obj() if isinstance(obj, type) else obj
     if not callable(fn):
         raise InputError(f"metric {name!r} is not callable")
     _check_signature(fn, name)
@@ -278,6 +279,15 @@ class Evaluation:
         return d
 
 
+def value_labels(metric: str) -> tuple[str, str]:
+    """What ``reference_value`` and ``value`` are, in words, for human output: for output-mse they are two
+    different quantities (the reference output's energy and the compressed output's error), not one
+    metric before and after."""
+    if metric == "output-mse":
+        return "reference output energy (mean ‖f(x)‖² per position)", "output error (mean ‖f̃(x) − f(x)‖² per position)"
+    return f"reference {metric}", f"compressed {metric}"
+
+
 class Evaluator:
     """Reference statistics computed once; ``delta(model)`` measures a variant against them.
 
@@ -315,6 +325,10 @@ class Evaluator:
         self.reference_sum = total
         self.reference_value = total / count
         if not math.isfinite(self.reference_value):
+            if self._custom is not None:
+                raise InputError(f"the reference {self.metric} is {self.reference_value}: the metric function "
+                                 f"{self.metric!r} returned a non-finite (sum, count) on this data (check the "
+                                 "metric, and the data for NaN or Inf values)")
             raise InputError(f"the reference {self.metric} is {self.reference_value}: the model's outputs on this "
                              "data are not finite — check the data for NaN or Inf values (analyze leaves such "
                              "batches out; a metric cannot)")
@@ -324,7 +338,11 @@ class Evaluator:
 
     def _sum(self, model, batch) -> tuple[float, int]:
         if self._custom is not None:
-            return _sum_count(self._custom(model, to_device(batch, self.device), self.device), self.metric)
+            from . import registry
+
+            with registry.blame("metrics", self.metric):  # a plugin metric raising names itself
+                out = self._custom(model, to_device(batch, self.device), self.device)
+            return _sum_count(out, self.metric)
         if self.metric == "lm-loss":
             return _lm_loss_sum(model, batch, self.device)
         return _task_loss_sum(model, batch, self.device)

@@ -58,7 +58,7 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
         in_p = _resolved(inp)
         if out_p == in_p or _is_within(out_p, in_p) or _is_within(in_p, out_p):
             raise RefusedError(
-                f"refusing to write output {out} : it is, lies inside or contains the input {inp}"
+                f"refusing to write output {out}: it is, lies inside or contains the input {inp}"
             )
     if out_p.exists() and not overwrite:
         raise RefusedError(f"output {out} already exists; pass --overwrite to replace it")

@@ -124,22 +124,66 @@ class ConvAdapter:
 _BUILTIN = (HFConv1DAdapter(), LinearAdapter(), ConvAdapter())
 
 
-def adapters() -> list:
-    """Built-in adapters first (most specific first), then plugin adapters."""
+class _AdapterList(list):
+    """What :func:`adapters` returns: the adapters, plus ``plugins``: id(adapter) → its entry-point name
+    for the plugin ones (so that :func:`adapter_for` can skip one whose ``matches`` raises)."""
+
+    plugins: dict[int, str]
+
+
+def _plugin_failure(name: str, err: Exception, during: str) -> str:
     from . import registry
 
-    out = list(_BUILTIN)
+    info = registry.info("adapters", name)
+    where = f" (package {info.package} {info.version}, entry point {info.value})" if info is not None else ""
+    return f"adapters plugin {name!r}{where} failed in {during}: {type(err).__name__}: {err}; skipped"
+
+
+def adapters() -> list:
+    """Built-in adapters first (most specific first), then plugin adapters. A plugin adapter that fails
+    to load, or whose class cannot be instantiated, warns once and is skipped."""
+    from . import registry
+
+    out = _AdapterList(_BUILTIN)
+    out.plugins = {}
     names = {a.name for a in out}
     for name, obj in registry.load_all("adapters").items():
         if name in names:
             continue
-        out.append(obj() if isinstance(obj, type) else obj)
+        if isinstance(obj, type):
+            try:
+                obj = obj()
+            except Exception as err:  # noqa: BLE001 - plugin code: warn and skip, as for a failed import
+                registry.disable("adapters", name, _plugin_failure(name, err, "__init__()"))
+                continue
+        out.append(obj)
+        out.plugins[id(obj)] = name
     return out
 
 
 def adapter_for(module: nn.Module, adapter_list: Sequence | None = None):
-    for a in adapter_list if adapter_list is not None else adapters():
-        if a.matches(module):
+    """The first adapter whose ``matches(module)`` is true, or None. A plugin adapter whose ``matches``
+    raises is skipped from then on, with one warning naming it and its package (once per adapter, not
+    per module)."""
+    from . import registry
+
+    if adapter_list is None:
+        adapter_list = adapters()
+    plugins = getattr(adapter_list, "plugins", {})
+    for a in adapter_list:
+        name = plugins.get(id(a))
+        if name is None:
+            if a.matches(module):
+                return a
+            continue
+        if registry.is_disabled("adapters", name):
+            continue
+        try:
+            hit = bool(a.matches(module))
+        except Exception as err:  # noqa: BLE001 - plugin code: warn once and skip the adapter
+            registry.disable("adapters", name, _plugin_failure(name, err, "matches()"))
+            continue
+        if hit:
             return a
     return None
 

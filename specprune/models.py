@@ -129,9 +129,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"refusing to load {path}: it is a pickle that needs arbitrary code to load "
                 f"(torch.load weights_only=True rejected it: {unpickling_reason(err)}); save a plain "
                 "state dict or safetensors instead") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise InputError(f"{path} is not a readable PyTorch file (corrupted or truncated?): "
-                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+            # a file that is neither a zip nor a legacy pickle reaches the unpickler as garbage (KeyError: 101)
+            why = str(err).splitlines()[0] if str(err) and not isinstance(err, (KeyError, IndexError)) else \
+                "neither a zip archive nor a legacy pickle"
+            raise InputError(f"{path} is not a readable PyTorch file (corrupted or truncated?): {why}") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -22,9 +22,11 @@ kept is ``sample`` × the batch's tokens, and adds x_i x_iᵀ / p_i: an unbiased
 Gram at ``sample`` of its cost (the Gram of a d-wide input is d²/2 multiply-adds per token, the layer's
 own forward d·d_out: on MiniLM's 1536-wide FFN inputs 84% of all Gram work). Norm² probabilities keep
 the few high-norm tokens (e.g. [CLS]) that carry the top modes, which uniform sampling misses. Error bound:
-for a unit vector v, Var(vᵀĜv) = Σ_i (1 − p_i)/p_i (vᵀx_i)⁴ ≤ Σ_i (vᵀx_i)²/c because (vᵀx_i)² ≤ ‖x_i‖², so
-the relative standard error of an eigenvalue λ_k of Σ = Ĝ/N is at most 1/√(c_min N λ_k) to first order
-(c_min: the smallest c of any batch), recorded per group (:attr:`GramAccumulator.sampling`).
+for a unit vector v, Var(vᵀĜv) = Σ_i (1 − p_i)/p_i (vᵀx_i)⁴, and for a token with p_i = c‖x_i‖² < 1,
+(1 − p_i)/p_i (vᵀx_i)⁴ ≤ (1/c − ‖x_i‖²)(vᵀx_i)² because (vᵀx_i)² ≤ ‖x_i‖² (tokens with p_i = 1 add nothing).
+So Var(vᵀĜv) ≤ V·vᵀGv with V the largest over batches of 1/c − min ‖x‖² over that batch's uncertain tokens,
+and the relative standard error of an eigenvalue λ_k of Σ = Ĝ/N is at most √(V / (N λ_k)) to first order,
+recorded per group as ``variance_factor`` V (:attr:`GramAccumulator.sampling`; 0 when every token entered).
 
 The probe is a context manager that removes exactly its own hook handles in ``finally``
 (also on exceptions and KeyboardInterrupt) and raises if a hook never fired.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import weakref
 import zlib
 from dataclasses import dataclass, field
@@ -46,15 +49,16 @@ from .layers import TargetLayer
 
 STRIP = 128  # CPU Gram strip width: 96–128 measured fastest for d = 384…3072 (2-core AVX-512 host)
 SAMPLE_MIN_WIDTH = 1024  # token sampling (when asked for) applies to inputs at least this wide
+MIN_SAMPLE = 1e-6  # the smallest token-sampling fraction taken (below it the inclusion scale underflows)
 
 
 def check_sample(sample: float | None, name: str = "token_sample") -> float | None:
     """Validate a token-sampling fraction: None or 1 (every token), or a number in (0, 1)."""
     if sample is None:
         return None
-    if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not math.isfinite(sample) \
-            or not 0 < sample <= 1:
-        raise InputError(f"{name} must be a fraction in (0, 1], got {sample!r}")
+    if isinstance(sample, bool) or not isinstance(sample, numbers.Real) or not math.isfinite(sample) \
+            or not MIN_SAMPLE <= sample <= 1:
+        raise InputError(f"{name} must be a fraction in [{MIN_SAMPLE:g}, 1], got {sample!r}")
     return None if sample == 1 else float(sample)
 
 
@@ -93,7 +97,7 @@ class GramAccumulator:
     sample: float | None = None  # token sampling fraction (module docstring); None: every token
     seed: int = 0
     kept_tokens: int = 0  # tokens whose features entered the Gram (= tokens unless sampled)
-    min_scale: float = math.inf  # the smallest per-batch inclusion scale c of a sampled run
+    max_variance: float = 0.0  # the largest per-batch 1/c − min s over uncertain tokens (module docstring)
 
     _gen: torch.Generator | None = field(default=None, repr=False)
     _buf: torch.Tensor | None = field(default=None, repr=False)  # CPU: the float32 batch Gram's buffer
@@ -112,6 +116,10 @@ class GramAccumulator:
         :meth:`finalize` mirrors it — (B+1)/2B of the multiply-adds, 0.46–0.68× the full GEMM's time
         measured for d = 384…3072 (a BLAS ``ssyrk`` through scipy would do the same, but its OpenBLAS
         threads compete with torch's for the cores: measured 7.4× the plain forward against 2.5×)."""
+        if x.dim() != 2 or x.shape[1] != self.d or x.is_complex():
+            what = "complex features" if x.is_complex() else f"features of shape {tuple(x.shape)}"
+            raise InputError(f"layer {self.key} got {what}, but it takes {self.d} real input features per token: "
+                             "the data does not fit the model")
         n = int(x.shape[0])
         if n == 0:
             return
@@ -144,16 +152,17 @@ class GramAccumulator:
         self.tokens += n
         self.kept_tokens += kept
         if self.sample is not None:
-            self.min_scale = min(self.min_scale, scale)
+            self.max_variance = max(self.max_variance, scale)
 
     def _sampled(self, xf: torch.Tensor) -> tuple[torch.Tensor, int, float]:
         """Norm² importance sampling of the batch's rows (module docstring): the kept rows scaled by
-        1/√p_i, how many were kept, and the batch's inclusion scale c."""
+        1/√p_i, how many were kept, and the batch's variance factor 1/c − min s_i over the tokens not
+        kept for certain (p_i < 1; 0 when every token is: the batch's Gram is exact)."""
         n = int(xf.shape[0])
         s = (xf * xf).sum(1)
         c = inclusion_scale(s, self.sample * n)
         if not math.isfinite(c):
-            return xf, n, c
+            return xf, n, 0.0
         if self._gen is None:  # one stream per accumulator: the same run draws the same tokens
             self._gen = torch.Generator(device=xf.device)
             self._gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.key.encode())) % (1 << 63))
@@ -161,17 +170,20 @@ class GramAccumulator:
         keep = torch.rand(n, generator=self._gen, device=xf.device, dtype=torch.float64) < p
         idx = torch.nonzero(keep).flatten()
         out = xf.index_select(0, idx).mul_(p.index_select(0, idx).rsqrt().to(xf.dtype)[:, None])
-        return out, int(idx.numel()), c
+        uncertain = s.double()[(p < 1) & (s > 0)]
+        factor = 1.0 / c - float(uncertain.min()) if c > 0 and uncertain.numel() else (math.inf if c <= 0 else 0.0)
+        return out, int(idx.numel()), max(factor, 0.0)
 
     @property
     def sampling(self) -> dict:
         """What sampling did ({} when every token entered): the fraction asked for, the tokens kept, and
-        ``scale`` = c_min·N, so that the relative standard error of an eigenvalue λ of Σ is at most
-        1/√(scale·λ) (module docstring)."""
+        ``variance_factor`` V (0: every token entered with certainty; None: unbounded), so that the relative
+        standard error of an eigenvalue λ of Σ is at most √(V / (N λ)) (module docstring)."""
         if self.sample is None:
             return {}
+        v = self.max_variance
         return {"fraction": self.sample, "kept_tokens": self.kept_tokens, "tokens": self.tokens,
-                "scale": self.min_scale * self.tokens if math.isfinite(self.min_scale) else None}
+                "variance_factor": v if math.isfinite(v) else None}
 
     def eigenvalue_rse(self, eigenvalue: float) -> float:
         """The bound above for one eigenvalue of Σ (0 when every token entered)."""
@@ -210,17 +222,21 @@ class GramAccumulator:
         self.tokens = 0
         self.skipped_tokens = 0
         self.kept_tokens = 0
-        self.min_scale = math.inf
+        self.max_variance = 0.0
         self._gen = None
 
 
 def relative_se_bound(sampling: dict, eigenvalue: float) -> float:
     """First-order bound on the relative standard error of an eigenvalue of Σ estimated from sampled
     tokens (``sampling`` as :attr:`GramAccumulator.sampling`); 0 when every token entered, inf for λ ≤ 0."""
-    scale = (sampling or {}).get("scale")
-    if not scale:
+    if not sampling:
         return 0.0
-    return 1.0 / math.sqrt(scale * eigenvalue) if eigenvalue > 0 else math.inf
+    v, n = sampling.get("variance_factor"), sampling.get("tokens") or 0
+    if v is None or n <= 0:  # nothing bounded
+        return math.inf
+    if v == 0:  # every token entered with certainty: the Gram is exact
+        return 0.0
+    return math.sqrt(v / (n * eigenvalue)) if eigenvalue > 0 else math.inf
 
 
 def layer_device(module: nn.Module) -> torch.device | None:

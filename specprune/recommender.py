@@ -47,6 +47,7 @@ from .sensitivity import (
     LayerGeometry,
     LayerSensitivity,
     break_even_rank,
+    map_uncertainty,
     measure_sensitivities,
 )
 
@@ -366,6 +367,10 @@ class Recommender:
                               "group_sizes": list(group_sizes)}
         if self.shared:
             self.details["kept_shared"] = sorted(self.shared)
+        sampled = sorted(n for n in self.geoms if analysis.group_of(n).sampling)
+        if sampled:  # Σ of these layers came from a share of the tokens (analyze(token_sample=…))
+            self.details["token_sampled"] = {"fraction": analysis.calibration.get("token_sample"),
+                                             "layers": sampled}
         self.calibrated = data is not None
         self.in_sample = False
         if not self.calibrated and sensitivity != "auto":
@@ -484,8 +489,8 @@ class Recommender:
         return self.cmap(q) + self.rmap(r)
 
     def uncertainty(self, delta: float) -> float:
-        """The maps' multiplicative uncertainty (the larger σ of the two) on a predicted delta."""
-        return float(delta * (math.exp(max(self.cmap.sigma, self.rmap.sigma)) - 1.0))
+        """The maps' stated uncertainty on a predicted delta: two σ of the larger of their log misfits."""
+        return map_uncertainty(delta, max(self.cmap.sigma, self.rmap.sigma))
 
     def weights(self, target: float) -> tuple[float, float]:
         """Each map's slope δ/P at the target: the maps linearised where the plan will sit."""

@@ -93,9 +93,16 @@ class LayerSensitivity:
                 "probes": self.probes}
 
 
+def map_uncertainty(delta: float, sigma: float) -> float:
+    """Two standard deviations σ of a map's log misfit on a predicted delta: δ·(e^{2σ} − 1)."""
+    return float(delta * (math.exp(2.0 * sigma) - 1.0))
+
+
 @dataclass
 class CalibrationMap:
-    """δ_measured ≈ c · P^p with multiplicative uncertainty exp(σ)."""
+    """δ_measured ≈ c · P^p; σ is the spread of its log misfit, and a prediction's stated uncertainty is
+    two of them (:meth:`uncertainty`: δ·(e^{2σ} − 1), the counterpart of a measured plan's two standard
+    errors)."""
 
     c: float = 1.0
     p: float = 1.0
@@ -114,7 +121,8 @@ class CalibrationMap:
         return float((delta / self.c) ** (1.0 / self.p))
 
     def uncertainty(self, delta: float) -> float:
-        return float(delta * (math.exp(self.sigma) - 1.0))
+        """The stated uncertainty of a mapped prediction: δ·(e^{2σ} − 1)."""
+        return map_uncertainty(delta, self.sigma)
 
     @classmethod
     def fit(cls, points: list[dict], sigma_floor: float = 0.15, model_sigma: float = 0.1) -> CalibrationMap:

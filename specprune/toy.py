@@ -157,7 +157,15 @@ def train_llama(out_dir: str | Path, *, steps: int = 400, hidden: int = 128, lay
             log(f"step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar: progress goes through ``log`` only
+    try:
+        model.save_pretrained(str(out))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tok.save_pretrained(str(out))
     (out / "training.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.item()),
                                                    "seq_len": seq_len, "seconds": time.perf_counter() - t0}))

@@ -140,8 +140,11 @@ def command(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = bool(kwargs.get("debug", False))
+        from .plugins import plugin_warnings_as_lines
+
         try:
-            return fn(*args, **kwargs)
+            with plugin_warnings_as_lines():  # a skipped plugin: one "specprune: warning:" line
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except SpecpruneError as err:

@@ -20,13 +20,16 @@ EPILOG = """Examples:
 
 
 def render_evaluation(doc: dict) -> None:
+    from ..evaluation import value_labels
+
     c = console()
     c.print(f"metric: {doc['metric']}", highlight=False)
     if doc.get("reference"):
         recorded = doc.get("reference_source") == "specprune.json"
         how = " (the source recorded in specprune.json)" if recorded else ""
         c.print(f"reference model: {doc['reference']}{how}", highlight=False, markup=False, soft_wrap=True)
-    c.print(f"reference: {doc['reference_value']:.6g}   value: {doc['value']:.6g}")
+    ref_label, value_label = value_labels(str(doc["metric"]))
+    c.print(f"{ref_label}: {doc['reference_value']:.6g}   {value_label}: {doc['value']:.6g}", highlight=False)
     line = f"measured delta: {doc['measured_delta']:.4%}"
     if doc.get("reference") is None and "reference" in doc:
         line = "measured delta: not measured (no reference model)"

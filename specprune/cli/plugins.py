@@ -2,11 +2,15 @@
 
 Listing reads package metadata only (nothing is imported), so a broken plugin still shows up;
 ``--check`` imports each one and reports whether it loads. A name registered by two packages is
-an error naming both (exit 1), as everywhere else.
+listed once per package, marked as a conflict (``"conflict"``: the one-line error that using the
+name gives), with a warning on stderr; only *using* that name is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -27,9 +31,37 @@ KindOpt = Annotated[list[str] | None, typer.Option(
 CheckOpt = Annotated[bool, typer.Option("--check", help="Import every plugin and report whether it loads.")]
 
 
+@contextlib.contextmanager
+def plugin_warnings_as_lines() -> Iterator[None]:
+    """While a command runs, show specprune's plugin warnings (``registry.PluginWarning``: a broken
+    plugin skipped) as one ``specprune: warning: ...`` line each on stderr, like ``Ctx.warn``, instead
+    of Python's two-line ``file:line: RuntimeWarning`` form. Other warnings are shown as before; the
+    previous warning settings are restored afterwards."""
+    import warnings
+
+    from ..registry import PluginWarning
+
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if isinstance(category, type) and issubclass(category, PluginWarning):
+                from ..distributed import is_main
+
+                if is_main():
+                    sys.stderr.write(f"specprune: warning: {' '.join(str(message).split())}\n")
+                return
+            previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def plugin_rows(kinds: list[str] | None = None, check: bool = False) -> list[dict]:
     """One dict per discovered plugin, ordered by kind (registry order) then name:
-    ``{kind, name, package, version, value, builtin}``, plus ``loaded`` and ``error`` with ``check``."""
+    ``{kind, name, package, version, value, builtin, conflict}`` (``conflict``: null, or the error that
+    using a name registered by several packages gives; each of them has a row), plus ``loaded`` and
+    ``error`` with ``check``."""
     from .. import registry
     from ..errors import InputError, SpecpruneError
 
@@ -45,7 +77,7 @@ def plugin_rows(kinds: list[str] | None = None, check: bool = False) -> list[dic
     for kind in wanted:
         for info in registry.available(kind):
             row = {"kind": info.kind, "name": info.name, "package": info.package, "version": info.version,
-                   "value": info.value, "builtin": info.builtin}
+                   "value": info.value, "builtin": info.builtin, "conflict": info.conflict}
             if check:
                 try:
                     registry.get(kind, info.name)
@@ -61,16 +93,23 @@ def render_plugins(rows: list[dict]) -> None:
     from rich.table import Table
 
     checked = any("loaded" in r for r in rows)
+    conflicts = any(r.get("conflict") for r in rows)
     third = sum(1 for r in rows if not r["builtin"])
     t = Table(title=f"specprune plugins: {len(rows)} registered ({third} from other packages)",
               title_justify="left")
     for col in ("kind", "name", "package", "version", "entry point", "built-in"):
         t.add_column(col)
+    if conflicts:
+        t.add_column("conflict")
     if checked:
         t.add_column("loads")
     for r in rows:
         cells = [r["kind"], r["name"], r["package"], r["version"], r["value"],
                  "yes" if r["builtin"] else "no"]
+        if conflicts:
+            others = [o["package"] for o in rows if r.get("conflict") and o is not r
+                      and (o["kind"], o["name"]) == (r["kind"], r["name"])]
+            cells.append(f"[red]also registered by {', '.join(others)}[/red]" if others else "")
         if checked:
             cells.append("ok" if r["loaded"] else f"[red]{r['error']}[/red]")
         t.add_row(*cells)
@@ -92,7 +131,10 @@ def plugins_cmd(
     """List the registered evolution functions, compressors, layer adapters and metrics, with the
     package and version that provides each (built-ins register through the same entry points)."""
     ctx = Ctx(fmt, quiet)
-    ctx.emit(plugin_rows(kind, check), render_plugins)
+    rows = plugin_rows(kind, check)
+    for message in dict.fromkeys(r["conflict"] for r in rows if r["conflict"]):
+        ctx.warn(message)
+    ctx.emit(rows, render_plugins)
 
 
 def register(app: typer.Typer) -> None:

@@ -149,6 +149,11 @@ def recommend_cmd(
     doc = plan.to_dict()
     if plan.details.get("sensitivity"):
         ctx.info(f"sensitivities: {plan.details['sensitivity']}")
+    if plan.details.get("token_sampled"):
+        ts = plan.details["token_sampled"]
+        ctx.info(f"the analysis was token-sampled ({ts.get('fraction')} of the tokens for "
+                 f"{len(ts.get('layers') or [])} wide layer(s)): their covariances, and the scores and whitened "
+                 "truncations made from them, carry that sampling error; the verification measures the plan")
     if plan.details.get("warning"):
         ctx.warn(plan.details["warning"])
     ctx.emit(doc, render_plan)

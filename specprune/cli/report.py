@@ -71,6 +71,10 @@ def report_cmd(
         raise InputError(f"--max-spectra must be ≥ 1, got {max_spectra}")
     target = out if out is not None else default_out(dirs[0])
     doc = write_report(dirs, target, overwrite=overwrite, max_spectra=max_spectra)
+    for w in doc.get("warnings", []):
+        ctx.warn(w)
+    for s in doc.get("skipped", []):
+        ctx.warn(f"skipped {s}")
     if quiet and not ctx.json:
         typer.echo(doc["report"])
         return

@@ -14,7 +14,7 @@ import numpy as np
 import typer
 
 from ..errors import SpecpruneError
-from .common import Ctx, DebugOpt, FormatOpt, OutputFormat, command, console
+from .common import Ctx, DebugOpt, FormatOpt, OutputFormat, QuietOpt, command, console
 
 app = typer.Typer(
     help="The corrected generalized spectral theory: exponents, pruning/loss curves, frontier, density, "
@@ -124,12 +124,13 @@ def exponents_cmd(
     g: GOpt = "ntk",
     t: TOpt = None,
     fmt: FormatOpt = OutputFormat.human,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Corrected ρ, χ, γ (with its regime) and the k* exponent ρ/b for spectrum exponents a, b and g."""
     from .. import theory
 
-    ctx = Ctx(fmt)
+    ctx = Ctx(fmt, quiet)
     av, bv = _ab(a, b)
     tv = _num(t, "--t", low=0.0)
     ex = theory.exponents(av, bv, theory.parse_g(g), t=tv)
@@ -161,7 +162,9 @@ def curve_cmd(
     a: AOpt,
     b: BOpt,
     g: GOpt = "ntk",
-    t: TOpt = None,
+    t: Annotated[str | None, typer.Option(
+        "--t", metavar="FLOAT", help="Training time t > 0 (default: the t where k* = min(1000, K_max/100); "
+                                     "1e6 for g = ntk, b = 2 and the default --k-max).")] = None,
     k_star: Annotated[str | None, typer.Option(
         "--k-star", metavar="FLOAT", help="Give the time through the frontier index instead of --t.")] = None,
     kind: Annotated[CurveKind, typer.Option("--kind", help="pruning: pruned loss vs rate at t (with r*); "
@@ -175,12 +178,13 @@ def curve_cmd(
     t_max: Annotated[str | None, typer.Option("--t-max", metavar="FLOAT",
                                                  help="kind=loss: last time (default 1000·t).")] = None,
     fmt: FormatOpt = OutputFormat.human,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Pruning curve (plateau / power law / saturation) and r*, the loss curve, or the bit law."""
     from .. import theory
 
-    ctx = Ctx(fmt)
+    ctx = Ctx(fmt, quiet)
     av, bv = _ab(a, b)
     ev = theory.parse_g(g)
     kmax = _num(k_max, "--k-max", low=1, strict=False, integer=True)
@@ -188,7 +192,10 @@ def curve_cmd(
     npts = _num(points, "--points", low=2, strict=False, integer=True)
     if npts > 10000:
         raise SpecpruneError(f"--points must be at most 10000, got {points}")
-    tv = _time(ev, bv, t, k_star, default_k_star=min(1000.0, kmax / 100.0))
+    default_k_star = min(1000.0, kmax / 100.0)
+    tv = _time(ev, bv, t, k_star, default_k_star=default_k_star)
+    t_note = None if t is not None or k_star is not None else \
+        f"no --t or --k-star: t = {_fmt(tv)}, where k* = {_fmt(max(1.0, default_k_star))} (min(1000, K_max/100))"
     spec = theory.Spectrum(av, bv, n_exact=min(10**6, kmax), k_max=kmax)
     ex = theory.exponents(av, bv, ev)
     contract = ("rho", "chi", "gamma", "gamma_regime", "k_star_exponent")
@@ -259,6 +266,14 @@ def curve_cmd(
             _print(_table("bit laws: ΔL ∝ 2^(slope·B) t^exponent",
                           ["noise", "log2 slope", "t exponent", "note"], law_rows))
 
+    if t_note is not None:
+        out["t_default"] = t_note
+        plot = human
+
+        def human(d: dict[str, Any]) -> None:
+            plot(d)
+            console().print(t_note, highlight=False)
+
     ctx.emit(out, human)
 
 
@@ -286,12 +301,13 @@ def frontier_cmd(
     t_max: Annotated[str, typer.Option("--t-max", metavar="FLOAT")] = "1e8",
     points: Annotated[str, typer.Option("--points", metavar="INT")] = "7",
     fmt: FormatOpt = OutputFormat.human,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """λ*(t), k*(t) (level set g = κ = 1) and the elasticities E_λ, E_t, ρ = E_t/E_λ on the frontier."""
     from .. import theory
 
-    ctx = Ctx(fmt)
+    ctx = Ctx(fmt, quiet)
     bv = _num(b, "--b")
     if bv <= 1:
         raise SpecpruneError(f"--b must be > 1, got {b}")
@@ -341,12 +357,13 @@ def density_cmd(
                                           help="K_max / P (modes per parameter).")] = "1",
     points: Annotated[str, typer.Option("--points", metavar="INT")] = "9",
     fmt: FormatOpt = OutputFormat.human,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Density δ = k*/P along P ∝ C^s: corrected α = (ρ/b)(1−s) − s, the capacity cap, s_opt = ρ/(b+ρ)."""
     from .. import theory
 
-    ctx = Ctx(fmt)
+    ctx = Ctx(fmt, quiet)
     bv = _num(b, "--b")
     if bv <= 1:
         raise SpecpruneError(f"--b must be > 1, got {b}")
@@ -365,21 +382,48 @@ def density_cmd(
     P = P0 * (C / lo) ** sv
     d = theory.density(C, P, bv, ev, capacity_per_param=cap)
     law = theory.density_law(bv, ev, sv)
-    measured = theory.loglog_slope(C, d["density"])
+    measured = round(theory.loglog_slope(C, d["density"]), 10) + 0.0  # a slope: no 1e-17 residue, no -0
     rows = [{"C": float(C[i]), "P": float(P[i]), "t": float(d["t"][i]), "k_star": float(d["k_star"][i]),
              "k_max": float(d["k_max"][i]), "density": float(d["density"][i]), "capped": bool(d["capped"][i])}
             for i in range(C.size)]
-    out = _clean({"b": bv, "g": ev.name, **law.to_dict(), "alpha_measured": measured, "points": rows})
+    # cap_binds / alpha_capped are the C → ∞ statements; where the cap starts along this path may lie
+    # outside the range shown
+    onset = theory.cap_onset(lo, P0, sv, bv, ev, capacity_per_param=cap)
+    out = _clean({"b": bv, "g": ev.name, **law.to_dict(), "alpha_measured": measured,
+                  "capped_in_range": any(r["capped"] for r in rows), "cap_onset_C": onset, "points": rows})
 
     def human(dd: dict[str, Any]) -> None:
-        _print(_kv_table(f"density along P ∝ C^{_fmt(sv)} (g = {ev.name}, b = {_fmt(bv)})", dd,
-                         ["rho", "s", "s_opt", "alpha", "alpha_paper", "alpha_capped", "cap_binds",
-                          "alpha_measured"]),
+        keys = [("rho", "rho"), ("s", "s"), ("s_opt", "s_opt"), ("alpha", "alpha (uncapped)"),
+                ("alpha_paper", "alpha_paper"), ("alpha_capped", "alpha_capped (C → ∞)"),
+                ("cap_binds", "cap_binds (C → ∞)"), ("cap_onset_C", "cap first binds at C"),
+                ("alpha_measured", "alpha_measured (range shown)")]
+        _print(_table(f"density along P ∝ C^{_fmt(sv)} (g = {ev.name}, b = {_fmt(bv)})", ["quantity", "value"],
+                      [[label, dd.get(k)] for k, label in keys]),
                _table("points", ["C", "P", "t", "k*", "K_max", "δ", "capped"],
                       [[r["C"], r["P"], r["t"], r["k_star"], r["k_max"], r["density"], r["capped"]]
                        for r in dd["points"]]))
+        console().print(_cap_sentence(dd, hi), highlight=False)
 
     ctx.emit(out, human)
+
+
+def _cap_sentence(d: dict[str, Any], hi: float) -> str:
+    """Where the capacity cap K_max binds along the path, in words consistent with the rows' "capped"."""
+    onset, a = d.get("cap_onset_C"), _fmt(d["alpha"])
+    capped = [r["capped"] for r in d["points"]]
+    if all(capped):
+        return "the cap K_max binds over the whole range shown (k* ≥ K_max): δ = K_max/P"
+    if any(capped) and not d["cap_binds"]:
+        return (f"the cap K_max binds at the low end of the range only (s ≥ s_opt): δ falls below it as C grows, "
+                f"δ ∝ C^{a} (alpha) asymptotically")
+    if onset is None:
+        if d["cap_binds"]:
+            return f"the cap K_max binds only as C → ∞ (s < s_opt), past any C searched: δ ∝ C^{a} (alpha)"
+        return f"the cap K_max does not bind along this path (k* < K_max): δ ∝ C^{a} (alpha)"
+    where = "inside the range (rows marked capped)" if any(capped) else f"beyond --c-max = {_fmt(hi)}"
+    return (f"the cap K_max binds from C ≈ {_fmt(onset, 3)}, {where}: before it δ ∝ C^{a} (alpha; "
+            f"{_fmt(d['alpha_measured'])} measured over the range shown), after it δ is constant (alpha_capped = "
+            f"{_fmt(d['alpha_capped'])})")
 
 
 # --------------------------------------------------------------------------------------------- fit
@@ -410,12 +454,13 @@ def fit_cmd(
                                            help="Bootstrap resamples (0 = off).")] = "200",
     seed: Annotated[str, typer.Option("--seed", metavar="INT", help="Bootstrap seed.")] = "0",
     fmt: FormatOpt = OutputFormat.human,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fit χ from a loss curve (with uncertainty); with a, b (or --spectrum) infer ρ, γ, check χ + γ = ρ."""
     from .. import theory
 
-    ctx = Ctx(fmt)
+    ctx = Ctx(fmt, quiet)
     step, loss = theory.read_loss_csv(csv_path)
     fl: Any = "fit" if floor.strip().lower() == "fit" else _num(floor, "--floor")
     nboot = _num(bootstrap, "--bootstrap", low=0, strict=False, integer=True)

@@ -75,9 +75,10 @@ def get_compressor(name: str) -> Any:
     from .. import registry
 
     obj = registry.get("compressors", name)
-    comp = obj() if isinstance(obj, type) else obj
+    with registry.blame("compressors", name):  # a plugin's __init__ raising: one line naming it
+        comp = obj() if isinstance(obj, type) else obj
     if getattr(comp, "kind", None) not in ("prune", "quantize") or not callable(getattr(comp, "apply", None)):
-        raise SpecpruneError(f"compressor {name!r} does not follow the compressor protocol "
+        raise SpecpruneError(f"{registry.describe('compressors', name)} does not follow the compressor protocol "
                              "(needs kind 'prune'|'quantize' and an apply() method)")
     return comp
 
@@ -386,6 +387,7 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
     run — results go back to each module's own device; ``quantizer``: compressor used for
     ``bits`` (default ``rtn``). Fills ``plan.size`` (:func:`plan_size`, before the changes),
     resolved ranks, and ``plan.details["applied"]``. On failure the model and plan are unchanged."""
+    from .. import registry
     from ..models import unwrap
 
     plan = _as_plan(plan)
@@ -449,7 +451,8 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
             elif lp.rank is not None:
                 raise InputError(f"plan layer {name}: method {lp.method!r} does not take a rank")
             if comp is not None and comp.kind == "quantize" and lp.bits is None:
-                raise InputError(f"plan layer {name}: quantization method {lp.method!r} needs bits")
+                raise InputError(f"plan layer {name}: {lp.method!r} is a quantizer, not a prune method "
+                                 "(a layer using it needs bits)")
 
         # covariances ------------------------------------------------------------------------
         def needs_cov(name: str) -> bool:
@@ -483,16 +486,26 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
             if moved:
                 t.module.to(dev)
             module = t.module
-            quant = default_quant
+            quant, quant_name = default_quant, quantizer
             if comp is not None and comp.kind == "quantize":
-                quant = comp
+                quant, quant_name = comp, lp.method
             elif comp is not None and not (getattr(comp, "low_rank", False) and lp.rank is None):
-                result = comp.apply(t, lp, covs.get(name))
+                with registry.blame("compressors", lp.method, f" on layer {name}"):
+                    result = comp.apply(t, lp, covs.get(name))
+                if result is not None and not isinstance(result, nn.Module):
+                    raise SpecpruneError(
+                        f"{registry.describe('compressors', lp.method)} does not follow the compressor protocol: "
+                        f"apply() on layer {name} returned a {type(result).__name__}, not None or an nn.Module")
                 if isinstance(result, nn.Module) and result is not module:
                     set_module(model, name, result)
                     module = result
             if lp.bits is not None:
-                quant.apply(TargetLayer(name, module, adapter_for(module)), lp, covs.get(name))
+                with registry.blame("compressors", quant_name, f" on layer {name}"):
+                    result = quant.apply(TargetLayer(name, module, adapter_for(module)), lp, covs.get(name))
+                if result is not None and not isinstance(result, nn.Module):
+                    raise SpecpruneError(
+                        f"{registry.describe('compressors', quant_name)} does not follow the compressor protocol: "
+                        f"apply() on layer {name} returned a {type(result).__name__}, not None or an nn.Module")
             if moved:
                 t.module.to(home)  # the original too: it may still be referenced (tied weights)
                 if module is not t.module:

@@ -62,6 +62,7 @@ class ReportInputs:
     series: list[dict] = field(default_factory=list)  # [{"model", "dir", "step", "analysis": dict}]
     series_path: Path | None = None
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # inputs that do not belong together
 
     @property
     def empty(self) -> bool:
@@ -112,7 +113,8 @@ class _Collector:
             return False
         inp = self.inputs
         if getattr(inp, kind + "_path") is not None:
-            inp.skipped.append(f"{path} (a {kind} was already read from {getattr(inp, kind + '_path')})")
+            article = "an" if kind[0] in "aeiou" else "a"
+            inp.skipped.append(f"{path} ({article} {kind} was already read from {getattr(inp, kind + '_path')})")
             return True
         if kind == "analysis":
             from ..analysis import Analysis
@@ -185,7 +187,13 @@ def collect(paths: Sequence[str | Path]) -> ReportInputs:
             ok = p.suffix == ".json" and col.add_file(p)
         if not ok:
             raise InputError(f"{p} holds no {', '.join(KNOWN_FILES)} (nor do its sub-directories)")
-    return col.inputs
+    inp = col.inputs
+    fa = ((inp.analysis.model or {}).get("fingerprint") if inp.analysis is not None else None) or None
+    fp = ((inp.plan or {}).get("model") or {}).get("fingerprint") or None
+    if fa and fp and fa != fp:
+        inp.warnings.append(f"the plan ({inp.plan_path}) was made for other weights than the analysis "
+                            f"({inp.analysis_path}): fingerprints {fp} and {fa}; this report mixes two models")
+    return inp
 
 
 # ---------------------------------------------------------------------------------------- document
@@ -320,18 +328,55 @@ def comparison_points(evaluation: dict | None, plan: dict | None, sweep: dict | 
         if unc is None and plan:
             unc = plan.get("predicted_delta_uncertainty")
         pts.append({"label": "plan", "kind": "plan", "predicted": evaluation["predicted_delta"],
-                    "uncertainty": unc, "measured": evaluation.get("measured_delta")})
+                    "uncertainty": unc, "measured": evaluation.get("measured_delta"),
+                    "measured_stderr": evaluation.get("measured_delta_stderr")})
     for p in (sweep or {}).get("points", []):
         if p.get("measured_delta") is not None and p.get("predicted_delta") is not None:
             pts.append({"label": p.get("setting", ""), "kind": p.get("kind", ""), "predicted": p["predicted_delta"],
-                        "uncertainty": p.get("predicted_delta_uncertainty"), "measured": p["measured_delta"]})
+                        "uncertainty": p.get("predicted_delta_uncertainty"), "measured": p["measured_delta"],
+                        "measured_stderr": p.get("measured_delta_stderr")})
     return pts
 
 
-def _within(p: dict) -> str:
+def within(p: dict) -> bool | None:
+    """Whether a measurement agrees with its prediction: |measured − predicted| ≤ the stated uncertainty
+    plus two standard errors of the measurement itself (when known: a measurement on a few windows is
+    noisy too). None when either number is missing."""
     if p.get("measured") is None or p.get("predicted") is None:
-        return "–"
-    return "yes" if abs(p["measured"] - p["predicted"]) <= float(p.get("uncertainty") or 0.0) else "no"
+        return None
+    se = p.get("measured_stderr")
+    slack = 2.0 * float(se) if isinstance(se, (int, float)) and math.isfinite(se) else 0.0
+    return abs(p["measured"] - p["predicted"]) <= float(p.get("uncertainty") or 0.0) + slack
+
+
+def _within(p: dict) -> str:
+    w = within(p)
+    return "–" if w is None else ("yes" if w else "no")
+
+
+def agreement_note(points: Sequence[dict]) -> str | None:
+    """One paragraph on how the measurements sit against the predictions: how many agree, and the median
+    ratio measured/predicted; when most disagree in one direction it names the likely cause. None
+    without two comparable points."""
+    good = [p for p in points if within(p) is not None and p["predicted"] > 0 and p["measured"] > 0]
+    if len(good) < 2:
+        return None
+    inside = sum(bool(within(p)) for p in good)
+    ratios = sorted(p["measured"] / p["predicted"] for p in good)
+    med = ratios[len(ratios) // 2] if len(ratios) % 2 else math.sqrt(ratios[len(ratios) // 2 - 1] *
+                                                                   ratios[len(ratios) // 2])
+    text = (f"{inside} of {len(good)} measurements agree with their prediction (within the stated uncertainty "
+            f"and two standard errors of the measurement); the measured deltas are a median ×{med:.2f} of "
+            "the predicted ones.")
+    over = sum(r < 1 for r in ratios)
+    if inside < len(good) / 2 and max(over, len(good) - over) >= 0.75 * len(good):
+        way = "below" if over > len(good) / 2 else "above"
+        text += (f" Most measurements lie {way} their predictions: the predictions are calibrated on the "
+                 "calibration windows, and a systematic difference between those and the held-apart windows "
+                 "(for instance text the model was trained on, where its loss is lower and the same change a "
+                 "larger relative delta) shifts every measurement the same way. The stated uncertainty covers "
+                 "the map's misfit and the calibration windows' sampling noise, not such a shift.")
+    return text
 
 
 class _Builder:
@@ -389,12 +434,17 @@ class _Builder:
         views = F.layer_views(a)
         fronts = [v for v in views if v.k_star is not None]
         rs = sorted(v.r_star for v in fronts if v.r_star is not None)
-        d.p(f"Every target layer's input covariance Σ = E[x xᵀ] was accumulated over the calibration tokens and "
-            f"diagonalised. b is the decay exponent of its eigenvalues (λ_k ∝ k^-b), a that of the mode energies "
+        ts = cal.get("token_sample")
+        sampled = (f" (for inputs ≥ 1024 wide about {ts:.3g} of them, drawn ∝ ‖x‖² and weighted 1/p: see the "
+                   "caveats)" if isinstance(ts, (int, float)) and not isinstance(ts, bool) else "")
+        d.p(f"Every target layer's input covariance Σ = E[x xᵀ] was accumulated over the calibration tokens{sampled} "
+            f"and diagonalised. b is the decay exponent of its eigenvalues (λ_k ∝ k^-b), a that of the mode energies "
             f"e_k = λ_k‖W u_k‖² (the output energy each input mode carries); k* is the learning frontier, the "
             f"mode where the learned power law bends down to the random-initialisation floor, and "
             f"r* = 1 − k*/k_max the share of modes beyond it. {len(fronts)} of {len(views)} layers show a frontier"
-            + (f"; their r* ranges from {rs[0]:.0%} to {rs[-1]:.0%} (median {rs[len(rs) // 2]:.0%})." if rs else "."))
+            + ("." if not rs else f"; its r* is {rs[0]:.0%}." if len(rs) == 1 else
+               f"; their r* is {rs[0]:.0%} for all of them." if f"{rs[0]:.0%}" == f"{rs[-1]:.0%}" else
+               f"; their r* ranges from {rs[0]:.0%} to {rs[-1]:.0%} (median {rs[len(rs) // 2]:.0%})."))
         rows = [[v.name, v.type, v.d_in, v.d_out, _f(v.b, ".2f"), _f(v.a, ".2f"),
                  "none" if v.k_star is None else v.k_star, v.k_max, _f(v.r_star, ".0%")] for v in views]
         d.table(["layer", "type", "d_in", "d_out", "b", "a", "k*", "k_max", "r*"], rows)
@@ -423,7 +473,9 @@ class _Builder:
         slope = F.series_slope(st["step"], st["k_star"])
         b_last = st["b"][-1]
         if slope is not None and math.isfinite(b_last) and b_last > 0:
-            d.p(f"Across the checkpoints the median frontier grows as k* ∝ t^{slope:.2f}; the theory predicts "
+            trend = ("does not move with the step (k* ∝ t^0.00)" if abs(slope) < 0.005 else
+                     "shrinks as k* ∝ t^{:.2f}" if slope < 0 else "grows as k* ∝ t^{:.2f}").format(slope)
+            d.p(f"Across the checkpoints the median frontier {trend}; the theory predicts "
                 f"k* ∝ t^(ρ/b), which for NTK-like dynamics (ρ = 1) and the last checkpoint's median b = "
                 f"{b_last:.2f} is t^{1 / b_last:.2f}.")
         else:
@@ -460,7 +512,10 @@ class _Builder:
         hist = ", ".join(f"{n}×int{b}" for b, n in sorted(bits_hist.items()))
         det = plan.get("details") or {}
         cmap = det.get("calibration_map") or {}
-        why = [(f"Of {len(layers)} layers, {n_q} are quantized ({hist or 'none'}) and {n_fact} are factorized to a "
+        def are(n: int) -> str:
+            return f"{n} is" if n == 1 else f"{n} are"
+
+        why = [(f"Of {len(layers)} layers, {are(n_q)} quantized ({hist or 'none'}) and {are(n_fact)} factorized to a "
                "lower rank; the rest are kept.")]
         tmap = det.get("truncation_map") or {}
         if plan.get("calibrated") and cmap:
@@ -473,11 +528,17 @@ class _Builder:
                     "per-layer sensitivities measured by injecting each layer's real weight change")
             where = det.get("verification_windows")
             where = f"calibration windows ({where})" if where else "calibration windows"
+            model_pred = det.get("model_prediction")
+            measured_headline = (model_pred is not None and pred is not None
+                                 and abs(float(model_pred) - float(pred)) > 1e-12 * max(abs(float(pred)), 1e-300))
             why.append(f"Each candidate's layer distortion tr(ΔW Σ ΔWᵀ) is exact from the layer's input covariance; "
                        f"{sens} turn it into a metric change, and {maps} fitted on "
-                       f"{len(cmap.get('points') or [])} measured whole-model perturbations gives the prediction, with "
-                       f"a multiplicative uncertainty e^σ, σ = {_f(cmap.get('sigma'), '.2f')}. The smallest plan whose "
-                       f"measurement on {where} stays inside the tolerance was chosen.")
+                       f"{len(cmap.get('points') or [])} measured whole-model perturbations predicts each candidate, "
+                       f"uncertain by a factor e^(2σ), σ = {_f(cmap.get('sigma'), '.2f')} (its log misfit)"
+                       + (f"; for this plan it predicted {_f(model_pred, '.4g')}" if model_pred is not None else "")
+                       + f". The smallest plan whose measurement on {where} stays inside the tolerance was chosen"
+                       + (f", and that measurement ({_f(pred, '.4g')}) is its predicted delta above, uncertain by two "
+                          "standard errors of the measurement and at least 15%." if measured_headline else "."))
         frontier = det.get("frontier") or {}
         kstars = {n: (frontier.get(n) or {}).get("k_star") for n in layers}
         if a is not None:
@@ -486,8 +547,9 @@ class _Builder:
                  and lp["rank"] < kstars[n]]
         with_front = sum(1 for n in layers if kstars.get(n) is not None)
         why.append(f"Frontier bound: the theory's r* = 1 − k*/k_max is an upper bound on safe pruning "
-                   f"({with_front} layers have a frontier). "
-                   + (f"{len(below)} factorized layers keep fewer modes than their k*: {', '.join(below)}."
+                   f"({with_front} {'layer has' if with_front == 1 else 'layers have'} a frontier). "
+                   + (f"{len(below)} factorized {'layer keeps' if len(below) == 1 else 'layers keep'} fewer modes "
+                      f"than {'its' if len(below) == 1 else 'their'} k*: {', '.join(below)}."
                       if below else "No factorized layer keeps fewer modes than its k*."))
         for w in why:
             d.p(w)
@@ -506,6 +568,7 @@ class _Builder:
                      "the frontier, power law, saturation), with measured uniform truncations.")
 
     def measured(self) -> None:
+        from ..evaluation import value_labels
         from . import figures as F
 
         ev, plan, sweep = self.inp.evaluation, self.inp.plan, self.inp.sweep
@@ -513,9 +576,10 @@ class _Builder:
         d.h2("What was measured")
         if ev:
             unc = ev.get("predicted_delta_uncertainty", (plan or {}).get("predicted_delta_uncertainty"))
+            ref_label, value_label = value_labels(str(ev.get("metric")))
             items = [("metric", str(ev.get("metric"))),
-                     ("reference value", _f(ev.get("reference_value"), ".5g")),
-                     ("compressed value", _f(ev.get("value"), ".5g")),
+                     (ref_label, _f(ev.get("reference_value"), ".5g")),
+                     (value_label, _f(ev.get("value"), ".5g")),
                      ("measured delta", _f(ev.get("measured_delta"), ".4g")),
                      ("predicted delta", f"{_f(ev.get('predicted_delta'), '.4g')} ± {_f(unc, '.2g')}")]
             if "tolerance" in ev:
@@ -531,12 +595,20 @@ class _Builder:
             d.p(f"Every target layer compressed the same way and measured on the {sweep.get('eval_windows', '')} "
                 f"held-apart windows ({sweep.get('metric', '')}); predictions use the plan's calibrated sensitivities.")
             rows = [[p.get("setting", ""), _f(p.get("predicted_delta"), ".3g"),
-                     _f(p.get("predicted_delta_uncertainty"), ".2g"), _f(p.get("measured_delta"), ".3g"),
+                     _f(p.get("predicted_delta_uncertainty"), ".2g"),
+                     _f(p.get("measured_delta"), ".3g") + (f" ± {_f(2 * p['measured_delta_stderr'], '.2g')}"
+                                                            if p.get("measured_delta_stderr") is not None else ""),
                      _within({"predicted": p.get("predicted_delta"), "measured": p.get("measured_delta"),
-                              "uncertainty": p.get("predicted_delta_uncertainty")})]
+                              "uncertainty": p.get("predicted_delta_uncertainty"),
+                              "measured_stderr": p.get("measured_delta_stderr")})]
                     for p in sweep["points"]]
-            d.table(["setting", "predicted δ", "± uncertainty", "measured δ", "within"], rows)
+            d.table(["setting", "predicted δ", "± uncertainty", "measured δ", "within"], rows,
+                    note="within: |measured − predicted| ≤ the stated uncertainty (two σ of the calibration map's "
+                         "misfit) + two standard errors of the measurement.")
         pts = comparison_points(ev, plan, sweep)
+        note = agreement_note(pts)
+        if note:
+            d.p(note)
         self.fig("bits.png", lambda: F.bits_figure(sweep, plan),
                  "Quantization by bit-width: predicted δ (line, uncertainty shaded) and measured δ (squares).")
         self.fig("predicted_vs_measured.png", lambda: F.predicted_vs_measured_figure(pts),
@@ -555,8 +627,10 @@ class _Builder:
             self.recommended()
         if inp.evaluation is not None or inp.sweep is not None or (inp.plan or {}).get("calibrated"):
             self.measured()
-        if self.notes or inp.skipped:
+        if self.notes or inp.skipped or inp.warnings:
             d.h2("Notes")
+            for w in inp.warnings:
+                d.p(f"Warning: {w}.")
             for n in self.notes:
                 d.p(n)
             for s in inp.skipped:
@@ -581,7 +655,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, overwrite: boo
     """Collect ``paths`` and write the report into the new directory ``out``, whole or not at all
     (an existing ``out`` only with ``overwrite``; never one that is, contains or lies inside an
     input). Returns ``{"output", "report", "markdown", "figures", "files", "sections", "found",
-    "skipped", "notes", "seconds"}`` with final paths."""
+    "skipped", "warnings", "notes", "seconds"}`` with final paths."""
     import warnings
 
     from ..io import check_output_path, output_dir
@@ -598,4 +672,5 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, overwrite: boo
     return {"output": str(o), "report": str(o / HTML_FILE), "markdown": str(o / MARKDOWN_FILE),
             "figures": [str(o / f) for f in summary["figures"]], "files": files,
             "sections": summary["sections"], "found": summary["found"], "skipped": summary["skipped"],
-            "notes": summary["notes"], "seconds": round(time.perf_counter() - t0, 3)}
+            "warnings": list(inputs.warnings), "notes": summary["notes"],
+            "seconds": round(time.perf_counter() - t0, 3)}

@@ -495,7 +495,11 @@ def bits_figure(sweep: Any = None, plan: Any = None, ax: Axes | None = None) -> 
 def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None) -> Figure:
     """Each ``{"label", "predicted", "uncertainty", "measured", "kind"}`` point as a marker with its
     stated uncertainty as a horizontal error bar, on log-log axes with the line y = x (gid
-    ``identity``). The title counts the points whose measurement lies within predicted ± uncertainty."""
+    ``identity``). The title counts the points whose measurement agrees with the prediction
+    (:func:`specprune.report.document.within`: the stated uncertainty plus two standard errors of the
+    measurement)."""
+    from .document import within
+
     good = [p for p in points if p.get("predicted") is not None and p.get("measured") is not None
             and p["predicted"] > 0 and p["measured"] > 0]
     if not good:
@@ -507,7 +511,7 @@ def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None)
     for p in good:
         marker, color, size = styles.get(p.get("kind", ""), ("o", GREY, 6))
         u = float(p.get("uncertainty") or 0.0)
-        if abs(p["measured"] - p["predicted"]) <= u:
+        if within(p):
             inside += 1
         lab = {"plan": "recommended plan", "bits": "uniform bits", "rank": "uniform truncation"}.get(
             p.get("kind", ""), p.get("kind", "other"))

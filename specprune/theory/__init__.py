@@ -15,7 +15,7 @@ Quick use::
 
 from __future__ import annotations
 
-from .density import DensityLaw, compute_optimal_exponent, density, density_exponent, density_law
+from .density import DensityLaw, cap_onset, compute_optimal_exponent, density, density_exponent, density_law
 from .evolution import (
     CallableEvolution,
     Evolution,
@@ -88,6 +88,7 @@ __all__ = [
     "as_evolution",
     "asymptotics",
     "bit_law",
+    "cap_onset",
     "classify_regime",
     "compute_optimal_exponent",
     "critical_cut",

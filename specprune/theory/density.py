@@ -26,7 +26,7 @@ from .evolution import as_evolution
 from .exponents import _check_ab
 from .frontier import KAPPA, _number, asymptotics, k_star
 
-__all__ = ["DensityLaw", "compute_optimal_exponent", "density", "density_exponent", "density_law"]
+__all__ = ["DensityLaw", "cap_onset", "compute_optimal_exponent", "density", "density_exponent", "density_law"]
 
 
 def _b_ok(b: float) -> float:
@@ -59,7 +59,9 @@ def density_exponent(rho: float, b: float, s: float) -> float:
     """Uncapped α along P ∝ C^s: (ρ/b)(1 − s) − s."""
     rho, b = _number(rho, "rho"), _number(b, "b")
     s = _number(s, "s", -math.inf)
-    return (rho / b) * (1.0 - s) - s
+    alpha = (rho / b) * (1.0 - s) - s
+    # at s = s_opt the two terms cancel: report 0, not their rounding residue (5.6e-17)
+    return 0.0 if abs(alpha) <= 1e-12 * max(1.0, abs(s), rho / b) else alpha
 
 
 def compute_optimal_exponent(rho: float, b: float) -> float:
@@ -79,7 +81,7 @@ class DensityLaw:
     alpha_paper: float  # (ρ/b)(1−s): the paper's expression, missing −s
     alpha_capped: float  # min(0, alpha): asymptotic exponent with k* ≤ K_max ∝ P
     s_opt: float  # ρ/(b+ρ)
-    cap_binds: bool  # s < s_opt: the capacity cap binds asymptotically (δ → const)
+    cap_binds: bool  # s < s_opt: the capacity cap binds asymptotically (δ → const); see cap_onset for where
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,3 +98,38 @@ def density_law(b: float, g: Any = "ntk", s: float = 0.5, t: float | None = None
     s_opt = compute_optimal_exponent(rho, b)
     return DensityLaw(rho, b, float(s), rho / b, -rho / b, alpha, (rho / b) * (1.0 - s),
                       min(0.0, alpha), s_opt, bool(s < s_opt))
+
+
+def cap_onset(c0: float, p0: float, s: float, b: float, g: Any = "ntk", capacity_per_param: float = 1.0,
+              flops_per_param_step: float = 1.0, kappa: float = KAPPA, decades: float = 200.0) -> float | None:
+    """The smallest compute C ≥ ``c0`` at which k* reaches the capacity K_max along P = p0 (C/c0)^s:
+    ``c0`` when it is capped there already, None when it is not reached within ``decades`` decades of C
+    (or before t or P leave floating-point range). ``DensityLaw.cap_binds`` says whether the cap binds
+    as C → ∞; this says where it starts to."""
+    c0, p0 = _number(c0, "c0"), _number(p0, "p0")
+    s = _number(s, "s", -math.inf)
+    base_t = math.log10(c0 / (flops_per_param_step * p0))
+    # decades of C to search: t = C/(φP) and P must stay well inside float range
+    xs = np.arange(0.0, float(decades) + 1.0)
+    ok = (np.abs(base_t + xs * (1.0 - s)) <= 250.0) & (np.abs(math.log10(p0) + xs * s) <= 250.0)
+    xs = xs[: int(np.argmin(ok)) if not ok.all() else xs.size]
+    if xs.size == 0:
+        return None
+
+    def capped(x: np.ndarray) -> np.ndarray:
+        return density(c0 * 10.0 ** x, p0 * 10.0 ** (s * x), b, g, capacity_per_param, flops_per_param_step,
+                       kappa)["capped"]
+
+    hit = np.flatnonzero(capped(xs))
+    if hit.size == 0:
+        return None
+    if hit[0] == 0:
+        return c0
+    lo, hi = float(xs[hit[0] - 1]), float(xs[hit[0]])
+    for _ in range(50):  # bisection in log10 C: lo uncapped, hi capped
+        mid = 0.5 * (lo + hi)
+        if capped(np.array([mid]))[0]:
+            hi = mid
+        else:
+            lo = mid
+    return float(c0 * 10.0 ** hi)

@@ -40,6 +40,16 @@ def _check_ab(a: float, b: float) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def _zeta_a_minus_b(a: float, b: float) -> float | None:
+    """ζ(a − b), or None where a − b is so negative that the float has no fractional part left
+    (|a − b| ≥ 2^52: ζ would come out as a meaningless 0 or ±inf)."""
+    s = a - b
+    if s <= -2.0 ** 52:
+        return None
+    val = float(special.zeta(s))
+    return val if math.isfinite(val) else None
+
+
 def classify_regime(a: float, b: float, m_tail: float) -> str:
     """Regime of Σf_k² for target exponent a, eigen-exponent b and tail λ-elasticity m."""
     a, b = _check_ab(a, b)
@@ -112,7 +122,7 @@ def exponents(a: float, b: float, g: Any = "ntk", t: float | None = None, kappa:
     if regime == "power":
         gamma = c * nu
         gamma_eff = gamma
-        sum_const = float(special.zeta(a - b))
+        sum_const = _zeta_a_minus_b(a, b)
         notes.append("Σf² = A k*^(1+b-a) + ζ(a-b) + o(1); the constant biases finite-t slopes "
                      "when 1+b-a is small")
     elif regime == "logarithmic":
@@ -121,7 +131,7 @@ def exponents(a: float, b: float, g: Any = "ntk", t: float | None = None, kappa:
         notes.append(f"a = 1+b: Σf² ≈ ({nu:.6g}) ln t + const, not a power of t")
     elif regime == "saturating":
         gamma_eff = 0.0
-        sum_const = float(special.zeta(a - b))
+        sum_const = _zeta_a_minus_b(a, b)
         approach = c * nu
         notes.append(f"a > 1+b: Σf² → ζ(a-b) = {sum_const:.6g} (rate t^({approach:.6g})); γ_eff = 0; "
                      "χ + γ = ρ does not hold")

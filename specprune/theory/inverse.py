@@ -37,6 +37,8 @@ __all__ = [
 
 def _read_numeric_csv(path: str | Path, columns: tuple[str, ...], required: int) -> dict[str, np.ndarray]:
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{path} is a directory, not a CSV file")
     if not p.is_file():
         raise InputError(f"CSV file not found: {path}")
     try:

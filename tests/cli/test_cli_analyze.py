@@ -145,3 +145,49 @@ def test_analyze_token_sample_flags_the_wide_input_only(tmp_path):
     assert code == 0, stderr
     assert re.search(r"token sampling: 1 input\(s\) ≥ 1024 wide kept \d+ of 3072 tokens \(\d+%\); their top "
                      r"eigenvalues' relative standard error is at most [\d.]+% \(stated bound\)", stderr)
+
+
+def test_tensor_data_with_positions_counts_every_position(tmp_path):
+    """A 3-D ``input`` (samples × positions × features): the calibration's token count is what the layers
+    saw, samples × positions (it sizes the memory plan's batch too)."""
+    from specprune.toy import build_wide_mlp
+
+    weights = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in build_wide_mlp().state_dict().items()}, str(weights))
+    data = tmp_path / "seq.pt"
+    torch.save({"input": torch.randn(64, 8, 48)}, str(data))
+    code, stdout, stderr = _run(["analyze", str(weights), "--arch", "specprune.toy:build_wide_mlp", "--data",
+                                 str(data), "--format", "json"])
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    samples = doc["calibration"]["samples"]
+    assert doc["calibration"]["tokens"] == samples * 8
+    assert {lay["tokens"] for lay in doc["layers"]} == {samples * 8}
+
+
+@pytest.mark.parametrize("kind", ["wrong-width", "one-dim", "complex", "not-a-torch-file"])
+def test_tensor_data_that_does_not_fit_is_one_line(kind, tmp_path):
+    """Data the model cannot take: one error line naming the problem, and no Python warning before it (the
+    probe checks a batch's features before it computes anything with them)."""
+    from specprune.toy import build_wide_mlp
+
+    weights = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in build_wide_mlp().state_dict().items()}, str(weights))
+    data = tmp_path / "x.pt"
+    if kind == "not-a-torch-file":
+        data.write_text("hello")
+    else:
+        x = {"wrong-width": torch.randn(64, 47), "one-dim": torch.randn(64),
+             "complex": torch.randn(64, 48, dtype=torch.complex64)}[kind]
+        torch.save({"input": x}, str(data))
+    proc = subprocess.run([sys.executable, "-m", "specprune", "analyze", str(weights), "--arch",
+                           "specprune.toy:build_wide_mlp", "--data", str(data), "--format", "json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("specprune: error: "), proc.stderr
+    expect = {"wrong-width": "layer up got features of shape (8, 47), but it takes 48 real input features",
+              "one-dim": "but it takes 48 real input features per token",
+              "complex": "layer up got complex features",
+              "not-a-torch-file": "is not a readable PyTorch file (corrupted or truncated?): neither a zip"}[kind]
+    assert expect in lines[0]

@@ -193,3 +193,75 @@ def test_fit_bad_files_exit_1(tmp_path):
     short.write_text("step,loss\n0,2\n1,1\n")
     assert run("fit", str(short)).exit_code == 1
     assert run("fit", str(bad), "--a", "1.5").exit_code == 1  # both a and b needed
+
+
+@pytest.mark.parametrize("args", [
+    ("exponents", "--a", "1.5", "--b", "2"),
+    ("curve", "--a", "1.5", "--b", "2", "--t", "100"),
+    ("frontier", "--b", "2", "--t", "100"),
+    ("density", "--b", "2", "--s", "0.2", "--capacity-per-param", "1e30"),
+], ids=lambda a: a[0])
+@pytest.mark.parametrize("flag", ["--quiet", "-q"])
+def test_every_theory_command_takes_quiet(args, flag):
+    """README: every command takes --format json, --quiet and --debug; quiet keeps the results."""
+    res = run(*args, flag)
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.strip() and not res.stderr
+    doc = json.loads(run(*args, flag, "--format", "json").stdout)
+    assert doc == run_json(*args)
+
+
+def test_theory_fit_takes_quiet(loss_csv):
+    quiet = run_json("fit", str(loss_csv), "--bootstrap", "0", "-q")
+    assert quiet == run_json("fit", str(loss_csv), "--bootstrap", "0")
+
+
+def test_density_cap_is_consistent_with_the_rows():
+    """QA F9: cap_binds is the C → ∞ statement; where the cap starts is given and agrees with the rows."""
+    doc = run_json("density", "--b", "2", "--g", "ntk", "--s", "0.2")
+    assert doc["cap_binds"] is True and doc["alpha_capped"] == 0.0
+    assert not any(p["capped"] for p in doc["points"]) and doc["capped_in_range"] is False
+    # δ = 1e-3 (C/1e12)^0.2 reaches K_max/P = 1 at C = 1e27, past --c-max
+    assert doc["cap_onset_C"] == pytest.approx(1e27, rel=1e-6)
+    human = " ".join(run("density", "--b", "2", "--g", "ntk", "--s", "0.2").stdout.split())
+    assert "cap_binds (C → ∞)" in human and "binds from C ≈ 1e+27, beyond --c-max" in human
+    # a smaller capacity: the cap starts inside the range, exactly where the rows turn "capped"
+    inside = run_json("density", "--b", "2", "--s", "0.2", "--capacity-per-param", "0.01")
+    assert inside["cap_onset_C"] == pytest.approx(1e17, rel=1e-6) and inside["capped_in_range"] is True
+    assert all(p["capped"] == (p["C"] >= inside["cap_onset_C"] * (1 - 1e-9)) for p in inside["points"])
+    assert "inside the range" in run("density", "--b", "2", "--s", "0.2", "--capacity-per-param", "0.01").stdout
+    # capped at the start only (s > s_opt): not "binds over the whole range"
+    low = run("density", "--b", "2", "--s", "0.5", "--capacity-per-param", "1e-4").stdout
+    assert "low end of the range only" in " ".join(low.split())
+    none = run_json("density", "--b", "2", "--s", "0.5")
+    assert none["cap_binds"] is False and none["cap_onset_C"] is None
+
+
+def test_density_exact_zero_is_printed_as_zero():
+    """QA F10: at s = s_opt α is 0, not 5.55e-17 (and the measured slope not -6.4e-17)."""
+    doc = run_json("density", "--b", "2")
+    assert doc["alpha"] == 0.0 and doc["alpha_measured"] == 0.0
+    out = run("density", "--b", "2").stdout
+    assert "e-17" not in out and "e-16" not in out
+
+
+def test_curve_default_t_is_stated():
+    """QA F10: the default t of `theory curve` is in --help and said when used."""
+    assert "default" in " ".join(run("curve", "--help").stdout.split()).split("--t ")[1].split("--k-star")[0]
+    out = " ".join(run("curve", "--a", "1.5", "--b", "2", "--points", "3").stdout.split())
+    assert "no --t or --k-star: t = 1e+06, where k* = 1000" in out
+    doc = run_json("curve", "--a", "1.5", "--b", "2", "--points", "3")
+    assert doc["t"] == pytest.approx(1e6) and "t_default" in doc
+    assert "t_default" not in run_json("curve", "--a", "1.5", "--b", "2", "--points", "3", "--t", "1e6")
+
+
+def test_fit_on_a_directory_says_so(tmp_path):
+    res = run("fit", str(tmp_path))
+    assert res.exit_code == 1 and "is a directory" in res.stderr and "not found" not in res.stderr
+
+
+def test_exponents_absurd_b_has_no_meaningless_zeta():
+    """QA F10: ζ(a − b) with a − b = −1e300 is not 0; it is not representable, so it is left out."""
+    doc = run_json("exponents", "--a", "1.5", "--b", "1e300")
+    assert doc["sum_f2_constant"] is None
+    assert run_json("exponents", "--a", "1.5", "--b", "2")["sum_f2_constant"] == pytest.approx(-0.2078862, rel=1e-6)

@@ -105,6 +105,9 @@ def test_seq_len_at_the_limit_and_rotary_models_run(models, text):
     res = run("evaluate", models["bert"], "--reference", models["bert"], "--data", text, "--seq-len", "256",
               "--samples", "2", "--batch-size", "2", "--quiet")
     assert res.exit_code == 0, res.stderr
+    # output-mse's two values are different quantities (the reference's energy, the compressed error)
+    assert "reference output energy (mean ‖f(x)‖² per position): " in res.stdout
+    assert "output error (mean ‖f̃(x) − f(x)‖² per position): 0\n" in res.stdout
     res = run("evaluate", models["llama"], "--data", text, "--seq-len", "300", "--samples", "2",
               "--batch-size", "2", "--quiet")
     assert res.exit_code == 0, res.stderr

@@ -100,8 +100,9 @@ def test_demo_without_minilm_trains_its_own_model(tmp_path):
     """The fallback default: a small Llama trained by the demo (lm-loss metric), --fast settings."""
     out = tmp_path / "llama"
     res = subprocess.run([sys.executable, "-m", "specprune", "demo", "--model", "llama", "--fast", "--out", str(out),
-                          "--format", "json"], check=False, capture_output=True, text=True, timeout=1500)
+                          "--format", "json", "--quiet"], check=False, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr == "", "--quiet: no progress bars (transformers' 'Writing model shards' leaked, QA F15)"
     doc = json.loads(res.stdout)
     assert doc["metric"] == "lm-loss" and doc["model_label"].startswith("small Llama")
     assert (out / "model" / "config.json").is_file() and (out / "model" / "training.json").is_file()

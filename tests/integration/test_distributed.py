@@ -128,9 +128,9 @@ def test_recommend_sensitivities_torchrun_match_single_process(tiny_dirs, small_
     assert b["predicted_delta"] == pytest.approx(a["predicted_delta"], rel=1e-6, abs=1e-12)
 
 
-def test_analyze_torchrun_token_sample_sums_kept_tokens_and_keeps_the_smallest_scale(tmp_path):
-    """``--token-sample`` under torchrun: the kept tokens are summed over ranks, the bound's scale is the
-    smallest any rank used, and the top eigenvalues stay within the stated error of the all-token run."""
+def test_analyze_torchrun_token_sample_sums_kept_tokens_and_keeps_the_largest_variance_factor(tmp_path):
+    """``--token-sample`` under torchrun: the kept tokens are summed over ranks, the bound's variance factor is
+    the largest any rank had, and the top eigenvalues stay within the stated error of the all-token run."""
     import torch
     from safetensors.torch import save_file
 
@@ -151,7 +151,7 @@ def test_analyze_torchrun_token_sample_sums_kept_tokens_and_keeps_the_smallest_s
     info = b.groups["down"].sampling
     tokens = exact["calibration"]["tokens"]
     assert info["tokens"] == tokens == b.groups["down"].tokens and info["fraction"] == 0.5
-    assert 0.45 * tokens < info["kept_tokens"] < 0.55 * tokens and info["scale"] > 0
+    assert 0.45 * tokens < info["kept_tokens"] < 0.55 * tokens and info["variance_factor"] > 0
     assert b.groups["up"].sampling == {}
     np.testing.assert_allclose(b.groups["up"].eigenvalues, a.groups["up"].eigenvalues, rtol=1e-6,
                                atol=1e-10 * float(a.groups["up"].eigenvalues[0]))

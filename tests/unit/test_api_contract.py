@@ -198,3 +198,28 @@ def test_a_plan_verified_on_the_analysis_sample_says_so_and_widens_its_uncertain
                                    verify_samples=128)
     assert "in_sample_truncations" not in held.details and "warning" not in held.details
     assert held.details["verification_windows"] == "128 held out of the analysis"
+
+
+@pytest.mark.parametrize("damage,expect", [
+    (lambda d: d.update(layers=5), "'layers' must be a list of layer objects, got int"),
+    (lambda d: d.update(layers=[5]), "layer entry 0 is not an object"),
+    (lambda d: d.update(calibration=3), "'calibration' must be an object, got int"),
+    (lambda d: d["layers"][0].update(d_in="8"), "layer entry 0: 'd_in' must be an integer, got \"8\""),
+    (lambda d: d["layers"][0].update(k_star=True), "layer entry 0: 'k_star' must be an integer or null, got true"),
+    (lambda d: d["layers"][0].update(b="x"), "layer entry 0: 'b' must be an integer or a number or null"),
+    (lambda d: d["layers"][0].update(flags="none"), "layer entry 0: 'flags' must be a list, got \"none\""),
+], ids=["layers-int", "layer-int", "calibration-int", "d_in-str", "k_star-bool", "b-str", "flags-str"])
+def test_analysis_json_of_the_wrong_shape_is_one_clear_error(damage, expect, tmp_path):
+    """A hand-edited or foreign analysis.json names what is wrong (report, recommend and apply read it)."""
+    import json
+
+    from specprune.analysis import Analysis
+
+    specprune.analyze(nn.Sequential(nn.Linear(8, 3)).eval(), [torch.randn(64, 8)]).save(tmp_path / "a")
+    f = tmp_path / "a" / "analysis.json"
+    d = json.loads(f.read_text())
+    damage(d)
+    f.write_text(json.dumps(d))
+    with pytest.raises(InputError) as err:
+        Analysis.load(tmp_path / "a")
+    assert str(err.value).startswith(f"{f} is not a specprune analysis: {expect}")

@@ -307,6 +307,33 @@ def test_predicted_vs_measured_figure():
     assert ax.get_xscale() == ax.get_yscale() == "log"
     with pytest.raises(ValueError):
         predicted_vs_measured_figure(pts[2:])
+    # a measurement's own sampling error counts: int4 measured 0.5 ± 2·0.15 agrees with 0.2 ± 0.01
+    noisy = [dict(pts[0]), {**pts[1], "measured_stderr": 0.15}]
+    assert "2 of 2 within" in predicted_vs_measured_figure(noisy).axes[0].get_title()
+
+
+def test_within_counts_the_measurement_noise():
+    from specprune.report.document import within
+
+    assert within({"predicted": 0.01, "uncertainty": 0.001, "measured": 0.0125}) is False
+    assert within({"predicted": 0.01, "uncertainty": 0.001, "measured": 0.0125, "measured_stderr": 0.001}) is True
+    assert within({"predicted": 0.01, "uncertainty": 0.001, "measured": 0.0125, "measured_stderr": None}) is False
+    assert within({"predicted": None, "uncertainty": 0.001, "measured": 0.0125}) is None
+
+
+def test_agreement_note_names_a_systematic_shift():
+    from specprune.report.document import agreement_note
+
+    over = [{"predicted": p, "uncertainty": 0.1 * p, "measured": 0.6 * p} for p in (0.001, 0.01, 0.02, 0.1)]
+    note = agreement_note(over)
+    assert note.startswith("0 of 4 measurements agree with their prediction")
+    assert "a median ×0.60 of the predicted ones" in note
+    assert "Most measurements lie below their predictions" in note and "not such a shift" in note
+    fine = [{"predicted": p, "uncertainty": 0.2 * p, "measured": m * p}
+            for p, m in ((0.001, 1.1), (0.01, 0.95), (0.02, 1.3), (0.1, 1.05))]
+    note = agreement_note(fine)
+    assert note.startswith("3 of 4 measurements agree") and "Most measurements" not in note
+    assert agreement_note(fine[:1]) is None
 
 
 def test_layer_map_figure(plan_doc, analysis):
@@ -387,6 +414,17 @@ def test_report_of_compress_dir(compressed, tmp_path):
     assert sorted(res["files"]) == sorted(p.name for p in out.iterdir())
     ev = json.loads((compressed["compressed"] / "evaluation.json").read_text())
     assert f"{ev['measured_delta']:.4g}" in html and f"{ev['measured_delta']:.4g}" in md
+    # the prose says where the headline prediction comes from: the map's, or the plan's own measurement
+    plan = json.loads((compressed["compressed"] / "plan.json").read_text())
+    model_pred = plan["details"]["model_prediction"]
+    assert f"for this plan it predicted {model_pred:.4g}" in md
+    if abs(model_pred - plan["predicted_delta"]) > 1e-12 * plan["predicted_delta"]:
+        assert f"and that measurement ({plan['predicted_delta']:.4g}) is its predicted delta above" in md
+    assert re.search(r"\d+ of \d+ measurements agree with their prediction", md)
+    # output-mse's two values are different quantities, and say so
+    assert ev["metric"] == "output-mse"
+    assert f"- **reference output energy (mean ‖f(x)‖² per position)**: {ev['reference_value']:.5g}" in md
+    assert f"- **output error (mean ‖f̃(x) − f(x)‖² per position)**: {ev['value']:.5g}" in md
     # reads top-down
     pos = [html.index(s) for s in ("What was analysed", "What is recommended and why", "What was measured")]
     assert pos == sorted(pos)
@@ -564,3 +602,54 @@ def test_report_names_how_the_sensitivities_and_the_verification_were_made(compr
     assert "Gauss–Newton curvature" in text and "injecting" not in text
     assert f"calibration windows ({plan_doc['details']['verification_windows']})" in text
     assert plan_doc["details"]["verification_windows"].endswith("held out of the analysis")
+
+
+def test_demo_table_says_which_measurements_agree(capsys):
+    """The demo's human table: each measurement with its two standard errors, whether it agrees with the
+    prediction, and the agreement paragraph (here a systematic shift: measured ×0.6 of predicted)."""
+    from specprune.cli.demo import render_demo
+
+    doc = {"model_label": "x", "metric": "lm-loss", "tolerance": 0.02, "predicted_delta": 0.01175,
+           "predicted_delta_uncertainty": 0.0018, "measured_delta": 0.00857, "measured_delta_stderr": 0.0004,
+           "sweep": [{"setting": "int4", "predicted_delta": 0.00109, "predicted_delta_uncertainty": 0.00023,
+                      "measured_delta": 0.000541, "measured_delta_stderr": 0.0001},
+                     {"setting": "keep 40%", "predicted_delta": 0.0175, "predicted_delta_uncertainty": 0.0067,
+                      "measured_delta": 0.0130, "measured_delta_stderr": 0.0005},
+                     {"setting": "int3", "predicted_delta": 0.01, "predicted_delta_uncertainty": 0.003,
+                      "measured_delta": None}],
+           "size": {"bits_before": 8e6, "bits_after": 4e6}, "compressed": "c", "report": "r", "seconds": 3}
+    render_demo(doc)
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 4}
+    assert "0.00857 ± 0.0008" in rows["recommended plan (tolerance 0.02)"] and " no " in rows[
+        "recommended plan (tolerance 0.02)"]
+    assert " yes " in rows["uniform keep 40%"] and " no " in rows["uniform int4"]
+    assert "uniform int3" not in rows  # not measured
+    assert "1 of 3 measurements agree with their prediction" in " ".join(out.split())
+
+
+def test_report_warns_about_inputs_that_do_not_belong_together(compressed, tmp_path):
+    """A plan made for other weights than the analysis is named (the report would mix two models), and a
+    second directory's files that were not used are reported on stderr, not only in the JSON."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from specprune.cli.app import app
+
+    src = compressed["compressed"]
+    other = tmp_path / "other"
+    other.mkdir()
+    plan = json.loads((src / "plan.json").read_text())
+    plan["model"]["fingerprint"] = "sha256:" + "0" * 32
+    (other / "plan.json").write_text(json.dumps(plan))
+    shutil.copytree(src / "analysis", other / "analysis")
+    res = CliRunner().invoke(app, ["report", str(other), "--out", str(tmp_path / "r1")])
+    assert res.exit_code == 0, res.stderr
+    assert "specprune: warning: the plan (" in res.stderr and "this report mixes two models" in res.stderr
+    md = (tmp_path / "r1" / "report.md").read_text()
+    assert "Warning: the plan (" in md
+    # two compress directories: the second one's files are reported as skipped
+    res = CliRunner().invoke(app, ["report", str(src), str(other), "--out", str(tmp_path / "r2")])
+    assert res.exit_code == 0, res.stderr
+    assert "specprune: warning: skipped " in res.stderr and "(an analysis was already read from" in res.stderr

@@ -40,15 +40,18 @@ def test_inclusion_scale_keeps_everything_when_the_budget_covers_it():
     assert math.isfinite(inclusion_scale(s, 2.5))
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), float("inf"), True, "0.5"])
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), float("inf"), True, "0.5", 5e-324, 1e-7])
 def test_check_sample_refuses_what_is_not_a_fraction(bad):
-    with pytest.raises(InputError, match=r"token_sample must be a fraction in \(0, 1\]"):
+    with pytest.raises(InputError, match=r"token_sample must be a fraction in \[1e-06, 1\]"):
         check_sample(bad)
 
 
 def test_check_sample_one_means_every_token():
+    from fractions import Fraction
+
     assert check_sample(None) is None and check_sample(1) is None and check_sample(1.0) is None
-    assert check_sample(0.25) == 0.25
+    assert check_sample(0.25) == 0.25 and check_sample(np.float32(0.5)) == 0.5
+    assert check_sample(Fraction(1, 2)) == 0.5 and check_sample(np.int64(1)) is None
 
 
 def _features(n: int = 2000, d: int = 12, seed: int = 0) -> torch.Tensor:
@@ -71,7 +74,7 @@ def test_sampled_gram_is_unbiased_and_within_its_stated_spread():
         acc.finalize()
         grams.append(acc.gram)
         quads.append(float(v @ acc.gram @ v))
-        scales.append(acc.min_scale)
+        scales.append(acc.max_variance)
         kept.append(acc.kept_tokens)
         assert acc.tokens == x.shape[0]
     mean = torch.stack(grams).mean(0)
@@ -79,8 +82,8 @@ def test_sampled_gram_is_unbiased_and_within_its_stated_spread():
     sd = torch.stack(grams).std(0) / math.sqrt(len(grams))
     assert float(((mean - exact).abs() / (sd + 1e-12)).max()) < 5.0
     assert np.mean(kept) == pytest.approx(0.3 * x.shape[0], rel=0.02)
-    # the stated bound: Var(vᵀĜv) ≤ vᵀGv / c_min
-    var_bound = float(v @ exact @ v) / min(scales)
+    # the stated bound: Var(vᵀĜv) ≤ V · vᵀGv, V = max over batches of 1/c − min ‖x‖² of the uncertain tokens
+    var_bound = float(v @ exact @ v) * max(scales)
     assert np.var(quads) <= 1.1 * var_bound
     assert np.var(quads) > 0  # it really sampled
 
@@ -112,7 +115,7 @@ def test_analyze_samples_only_wide_inputs_and_records_it(tmp_path):
     np.testing.assert_array_equal(up.eigenvalues, exact.groups["up"].eigenvalues)  # 48 wide: every token
     info = down.sampling
     assert info["fraction"] == 0.5 and info["tokens"] == 8192 == down.tokens
-    assert 0.45 * 8192 < info["kept_tokens"] < 0.55 * 8192 and info["scale"] > 0
+    assert 0.45 * 8192 < info["kept_tokens"] < 0.55 * 8192 and info["variance_factor"] > 0
     flag = next(f for f in sampled.layer("down").flags if f.startswith("sampled"))
     assert f"{info['kept_tokens']} of 8192 tokens" in flag and "relative standard error is at most" in flag
     # the top eigenvalues: within a few stated standard errors of the all-token ones
@@ -128,6 +131,12 @@ def test_analyze_samples_only_wide_inputs_and_records_it(tmp_path):
     back = Analysis.load(tmp_path / "a")
     assert back.groups["down"].sampling == info and back.groups["up"].sampling == {}
     assert back.layer("down").flags == sampled.layer("down").flags
+    # and analysis.json says so in fields, not only in words
+    doc = sampled.to_dict()
+    assert doc["calibration"]["token_sample"] == 0.5 and "token_sample" not in exact.to_dict()["calibration"]
+    by = {lay["name"]: lay for lay in doc["layers"]}
+    assert by["down"]["sampling"] == info and "sampling" not in by["up"]
+    assert back.layer("down").sampling == info and back.calibration["token_sample"] == 0.5
 
 
 def test_sampling_counts_kept_tokens_for_the_undersampled_flag():
@@ -148,3 +157,39 @@ def test_sampling_counts_kept_tokens_for_the_undersampled_flag():
 def test_analyze_refuses_a_bad_fraction_before_any_work():
     with pytest.raises(InputError, match="token_sample must be a fraction"):
         analyze(WideMLP(), [torch.randn(8, 48)], token_sample=2)
+
+
+def test_a_sampled_input_that_kept_no_token_is_refused():
+    """A tiny fraction of a few tokens can keep none: an all-zero covariance must not pass for a spectrum."""
+    torch.manual_seed(3)
+    batches = [torch.randn(16, 48) for _ in range(2)]
+    with pytest.raises(InputError, match=r"layer down: token sampling kept none of its 32 tokens; raise "
+                                         r"--token-sample or calibrate on more tokens"):
+        analyze(WideMLP(), batches, token_sample=1e-6)
+
+
+def test_the_bound_vanishes_when_every_token_is_kept_for_certain():
+    """Tokens kept with probability 1 add no error: a fraction just under 1 states a bound near 0 (the
+    earlier bound, Σ(vᵀx)²/c over every token, stated 100% for an exact Gram)."""
+    torch.manual_seed(4)
+    batches = [torch.randn(256, 48) for _ in range(4)]
+    a = analyze(WideMLP(), batches, token_sample=0.99999999)
+    info = a.groups["down"].sampling
+    assert info["kept_tokens"] >= info["tokens"] - 1
+    lam = float(a.groups["down"].eigenvalues[0])
+    assert relative_se_bound(info, lam) < 1e-3
+    flag = next(f for f in a.layer("down").flags if f.startswith("sampled"))
+    assert "0.99999999 asked" in flag
+
+
+def test_a_recommendation_from_a_sampled_analysis_says_so():
+    import specprune
+
+    torch.manual_seed(5)
+    batches = [torch.randn(512, 48) for _ in range(6)]
+    model = WideMLP().eval()
+    a = analyze(model, batches, token_sample=0.5)
+    plan = specprune.recommend(a, 0.05, model=model, data=batches)
+    assert plan.details["token_sampled"] == {"fraction": 0.5, "layers": ["down"]}
+    exact = specprune.recommend(analyze(model, batches), 0.05, model=model, data=batches)
+    assert "token_sampled" not in exact.details
