@@ -612,7 +612,8 @@ class _Builder:
         self.fig("bits.png", lambda: F.bits_figure(sweep, plan),
                  "Quantization by bit-width: predicted δ (line, uncertainty shaded) and measured δ (squares).")
         self.fig("predicted_vs_measured.png", lambda: F.predicted_vs_measured_figure(pts),
-                 "Every prediction against its measurement (dashed: measured = predicted; bars: stated uncertainty).")
+                 "Every prediction against its measurement (dashed: measured = predicted; horizontal bars: the stated "
+                 "uncertainty, vertical bars: two standard errors of the measurement).")
 
     def build(self) -> _Doc:
         inp = self.inp

@@ -291,6 +291,14 @@ def mode_energy_figure(analysis: Any, ax: Axes | None = None) -> Figure:
     if ks_x:
         ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, which="both", alpha=0.2)
+    if len(views) > 1:  # which colour is which layer: a colour bar over the layer order
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar = fig.colorbar(ScalarMappable(Normalize(1, len(views)), cmap), ax=ax, pad=0.02, fraction=0.05)
+        bar.set_label("layer, in model order", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+        bar.ax.set_gid("depth_colorbar")
     return fig
 
 
@@ -515,7 +523,10 @@ def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None)
             inside += 1
         lab = {"plan": "recommended plan", "bits": "uniform bits", "rank": "uniform truncation"}.get(
             p.get("kind", ""), p.get("kind", "other"))
+        se = p.get("measured_stderr")
+        ye = 2.0 * float(se) if isinstance(se, (int, float)) and math.isfinite(se) and se > 0 else 0.0
         ax.errorbar([p["predicted"]], [p["measured"]], xerr=[[min(u, p["predicted"] * 0.999)], [u]],
+                    yerr=[[min(ye, p["measured"] * 0.999)], [ye]] if ye else None,
                     fmt=marker, color=color, ms=size, mec="k", capsize=2, gid="measured",
                     label=None if lab in seen else lab)
         seen.add(lab)
@@ -530,7 +541,8 @@ def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("predicted δ")
     ax.set_ylabel("measured δ")
-    ax.set_title(f"Predicted vs measured: {inside} of {len(good)} within the stated uncertainty", fontsize=10)
+    ax.set_title(f"Predicted vs measured: {inside} of {len(good)} agree within the stated uncertainty",
+                 fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(True, which="both", alpha=0.2)
     return fig

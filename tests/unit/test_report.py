@@ -172,9 +172,12 @@ def test_spectra_grid_of_real_analysis(analysis):
 def test_mode_energy_figure(analysis):
     from specprune.report.figures import mode_energy_figure
 
-    ax = mode_energy_figure(analysis).axes[0]
+    fig = mode_energy_figure(analysis)
+    ax = fig.axes[0]
     lines = _gid(ax, "layer")
     assert len(lines) == len(analysis.layers)
+    bars = [a for a in fig.axes if a.get_gid() == "depth_colorbar"]
+    assert len(bars) == 1 and "layer" in bars[0].get_ylabel()  # which colour is which layer
     for ln in lines:
         y = np.asarray(ln.get_ydata())
         assert y[-1] == pytest.approx(1.0) and np.all(np.diff(y) >= -1e-12)
@@ -303,13 +306,13 @@ def test_predicted_vs_measured_figure():
            {"label": "none", "kind": "bits", "predicted": None, "uncertainty": None, "measured": 0.5}]
     ax = predicted_vs_measured_figure(pts).axes[0]
     assert _gid(ax, "identity")
-    assert "1 of 2 within" in ax.get_title()
+    assert "1 of 2 agree within" in ax.get_title()
     assert ax.get_xscale() == ax.get_yscale() == "log"
     with pytest.raises(ValueError):
         predicted_vs_measured_figure(pts[2:])
     # a measurement's own sampling error counts: int4 measured 0.5 ± 2·0.15 agrees with 0.2 ± 0.01
     noisy = [dict(pts[0]), {**pts[1], "measured_stderr": 0.15}]
-    assert "2 of 2 within" in predicted_vs_measured_figure(noisy).axes[0].get_title()
+    assert "2 of 2 agree within" in predicted_vs_measured_figure(noisy).axes[0].get_title()
 
 
 def test_within_counts_the_measurement_noise():
