@@ -92,7 +92,7 @@ def test_demo_figures_have_content(demo):
                                            for p in sweep["points"])
     pts = comparison_points(ev, plan, sweep)
     ax = predicted_vs_measured_figure(pts).axes[0]
-    n = int(re.search(r"(\d+) of (\d+) within", ax.get_title()).group(2))
+    n = int(re.search(r"(\d+) of (\d+) agree within", ax.get_title()).group(2))
     assert n == len(pts) >= 5
 
 
