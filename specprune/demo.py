@@ -14,7 +14,7 @@
    Prediction of a setting: δ = c·(Σ_l s_l D_l^{p_l})^p, where D_l = tr(ΔW_l Σ_l ΔW_lᵀ) is the exact
    layer distortion (RTN error scored through Σ; for truncation the tail of the mode energies),
    s_l D^{p_l} the layer's measured response and (c, p, σ) the plan's calibration map — the same model
-   the recommender allocates with; uncertainty δ·(e^σ − 1).
+   the recommender allocates with; uncertainty δ·(e^{2σ} − 1), two σ of the map's log misfit.
 5. **Report.** :func:`specprune.report.write_report` into ``OUT/report`` (``report.html`` + ``report.md``
    + PNGs).
 
