@@ -14,8 +14,8 @@ On all-MiniLM-L6-v2 (``specprune.toy.minilm_dir()``) with the English calibratio
    :func:`specprune.analysis.analyze`: memory plan, hooked pass, eigensolves, fits). Targets:
    hooked/plain <= 1.5, analyze/plain <= 1.8. ``--token-sample F`` adds the hooked pass and ``analyze``
    with token sampling of the wide inputs (``analyze(token_sample=F)``, :mod:`specprune.probe`), and
-   checks its accuracy (with the stated error bounds, b and k* against the exact run). ``--naive`` adds the issue's baselines (an ungrouped
-   fp32 and fp64 ``x^T x`` hook on every layer).
+   checks its accuracy (with the stated error bounds, b and k* against the exact run). ``--naive`` adds
+   the issue's baselines (an ungrouped fp32 and fp64 ``x^T x`` hook on every layer).
 2. **where the time goes** — one extra ``analyze`` under cProfile, split into hooked pass / Gram
    updates / eigensolves / fits (frontier least squares) / memory planning / the rest.
 3. **accuracy** — the top-k* eigenvalues of every layer against an fp64, all-token reference

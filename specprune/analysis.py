@@ -404,11 +404,12 @@ def undersampled_note(analysis: "Analysis") -> str | None:
 
 
 def _worst_sampling_se(sampling: dict, eigenvalues: np.ndarray, k_star: int | None) -> tuple[int, float]:
-    """How many top eigenvalues the sampling bound covers (k*, else 10) and their worst bound."""
+    """How many top eigenvalues the sampling bound covers (k*, else 10) and their worst bound: the
+    smallest of them's, as the bound falls with λ (eigenvalues descend)."""
     from .probe import relative_se_bound
 
     lam = np.asarray(eigenvalues, dtype=np.float64)[:int(k_star or 10)]
-    return len(lam), max((relative_se_bound(sampling, float(v)) for v in lam), default=0.0)
+    return len(lam), relative_se_bound(sampling, float(lam[-1])) if lam.size else 0.0
 
 
 def sampling_flag(sampling: dict, eigenvalues: np.ndarray, k_star: int | None) -> str:
@@ -614,7 +615,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     (randomized top-``top_k`` for input widths ≥ ``randomized_threshold``, 8192; the default of the
     ``specprune analyze`` command) or ``randomized`` (every group); ``precision`` — of the full solves:
     ``auto`` (float32 for inputs ≥ 1024 wide with ≥ 2d tokens, else float64; :mod:`specprune.solve`),
-    ``float32`` or ``float64``; ``token_sample`` — a fraction in (0, 1): inputs ≥ 1024 wide keep about that
+    ``float32`` or ``float64``; ``token_sample`` — a fraction in [1e-6, 1): inputs ≥ 1024 wide keep about that
     share of their tokens, drawn with probability ∝ ‖x‖² and weighted 1/p (an unbiased covariance at that
     share of the Gram work; each such group records ``sampling`` and its layers a "sampled" flag with the
     bound on their top eigenvalues' relative standard error: :mod:`specprune.probe`; None, the default:

@@ -166,28 +166,23 @@ class GramAccumulator:
         if self._gen is None:  # one stream per accumulator: the same run draws the same tokens
             self._gen = torch.Generator(device=xf.device)
             self._gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.key.encode())) % (1 << 63))
-        p = (s.double() * c).clamp_(max=1.0)
+        s = s.double()
+        p = (s * c).clamp_(max=1.0)
         keep = torch.rand(n, generator=self._gen, device=xf.device, dtype=torch.float64) < p
         idx = torch.nonzero(keep).flatten()
         out = xf.index_select(0, idx).mul_(p.index_select(0, idx).rsqrt().to(xf.dtype)[:, None])
-        uncertain = s.double()[(p < 1) & (s > 0)]
-        factor = 1.0 / c - float(uncertain.min()) if c > 0 and uncertain.numel() else (math.inf if c <= 0 else 0.0)
-        return out, int(idx.numel()), max(factor, 0.0)
+        uncertain = s[(p < 1) & (s > 0)]  # c > 0 here (inclusion_scale), and some token has p < 1
+        return out, int(idx.numel()), max(1.0 / c - float(uncertain.min()), 0.0) if uncertain.numel() else 0.0
 
     @property
     def sampling(self) -> dict:
         """What sampling did ({} when every token entered): the fraction asked for, the tokens kept, and
-        ``variance_factor`` V (0: every token entered with certainty; None: unbounded), so that the relative
+        ``variance_factor`` V (0: every token entered with certainty), so that the relative
         standard error of an eigenvalue λ of Σ is at most √(V / (N λ)) (module docstring)."""
         if self.sample is None:
             return {}
-        v = self.max_variance
         return {"fraction": self.sample, "kept_tokens": self.kept_tokens, "tokens": self.tokens,
-                "variance_factor": v if math.isfinite(v) else None}
-
-    def eigenvalue_rse(self, eigenvalue: float) -> float:
-        """The bound above for one eigenvalue of Σ (0 when every token entered)."""
-        return relative_se_bound(self.sampling, eigenvalue)
+                "variance_factor": self.max_variance}
 
     def _upper_strips(self, xf: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """CPU: the upper strips ``x[:, a:b]ᵀ x[:, a:]`` (width STRIP), one after another in the kept
@@ -232,7 +227,7 @@ def relative_se_bound(sampling: dict, eigenvalue: float) -> float:
     if not sampling:
         return 0.0
     v, n = sampling.get("variance_factor"), sampling.get("tokens") or 0
-    if v is None or n <= 0:  # nothing bounded
+    if v is None or n <= 0:  # a record without its factor (a hand-edited analysis): nothing bounded
         return math.inf
     if v == 0:  # every token entered with certainty: the Gram is exact
         return 0.0

@@ -41,7 +41,7 @@ thirds as long.
 def render_demo(doc: dict) -> None:
     from rich.table import Table
 
-    from ..report.document import agreement_note, within
+    from ..report.document import agreement_note, comparison_point, measurement_margin, within
 
     c = console()
     s = doc.get("size") or {}
@@ -58,13 +58,12 @@ def render_demo(doc: dict) -> None:
     rows += [(f"uniform {p['setting']}", p) for p in doc["sweep"] if p["measured_delta"] is not None]
     points = []
     for label, p in rows:
-        pt = {"predicted": p.get("predicted_delta"), "uncertainty": p.get("predicted_delta_uncertainty"),
-              "measured": p.get("measured_delta"), "measured_stderr": p.get("measured_delta_stderr")}
+        pt = comparison_point(p, label)
         points.append(pt)
         ok = within(pt)
-        se = p.get("measured_delta_stderr")
+        margin = measurement_margin(pt)
         t.add_row(label, f"{g(pt['predicted'])} ± {g(pt['uncertainty'])}",
-                  g(pt["measured"]) + ("" if se is None else f" ± {g(2 * se)}"),
+                  g(pt["measured"]) + (f" ± {g(margin)}" if margin else ""),
                   "–" if ok is None else ("yes" if ok else "no"))
     c.print(t)
     note = agreement_note(points)

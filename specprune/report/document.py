@@ -25,6 +25,7 @@ import base64
 import html
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -320,22 +321,33 @@ def _render_markdown(doc: _Doc) -> str:
 
 
 # ----------------------------------------------------------------------------------------- content
+def comparison_point(doc: dict, label: str = "", kind: str = "") -> dict:
+    """One predicted-vs-measured pair from a document with ``predicted_delta``,
+    ``predicted_delta_uncertainty``, ``measured_delta`` and ``measured_delta_stderr`` (an evaluation, a
+    sweep point, the demo's summary)."""
+    return {"label": label, "kind": kind, "predicted": doc.get("predicted_delta"),
+            "uncertainty": doc.get("predicted_delta_uncertainty"), "measured": doc.get("measured_delta"),
+            "measured_stderr": doc.get("measured_delta_stderr")}
+
+
 def comparison_points(evaluation: dict | None, plan: dict | None, sweep: dict | None) -> list[dict]:
     """Predicted-vs-measured pairs: the applied plan (evaluation) and every measured sweep setting."""
     pts = []
     if evaluation and evaluation.get("predicted_delta") is not None:
-        unc = evaluation.get("predicted_delta_uncertainty")
-        if unc is None and plan:
-            unc = plan.get("predicted_delta_uncertainty")
-        pts.append({"label": "plan", "kind": "plan", "predicted": evaluation["predicted_delta"],
-                    "uncertainty": unc, "measured": evaluation.get("measured_delta"),
-                    "measured_stderr": evaluation.get("measured_delta_stderr")})
+        pt = comparison_point(evaluation, "plan", "plan")
+        if pt["uncertainty"] is None and plan:
+            pt["uncertainty"] = plan.get("predicted_delta_uncertainty")
+        pts.append(pt)
     for p in (sweep or {}).get("points", []):
         if p.get("measured_delta") is not None and p.get("predicted_delta") is not None:
-            pts.append({"label": p.get("setting", ""), "kind": p.get("kind", ""), "predicted": p["predicted_delta"],
-                        "uncertainty": p.get("predicted_delta_uncertainty"), "measured": p["measured_delta"],
-                        "measured_stderr": p.get("measured_delta_stderr")})
+            pts.append(comparison_point(p, p.get("setting", ""), p.get("kind", "")))
     return pts
+
+
+def measurement_margin(p: dict) -> float:
+    """Two standard errors of a point's measurement (0 when its standard error is unknown)."""
+    se = p.get("measured_stderr")
+    return 2.0 * float(se) if isinstance(se, (int, float)) and math.isfinite(se) and se > 0 else 0.0
 
 
 def within(p: dict) -> bool | None:
@@ -344,9 +356,7 @@ def within(p: dict) -> bool | None:
     noisy too). None when either number is missing."""
     if p.get("measured") is None or p.get("predicted") is None:
         return None
-    se = p.get("measured_stderr")
-    slack = 2.0 * float(se) if isinstance(se, (int, float)) and math.isfinite(se) else 0.0
-    return abs(p["measured"] - p["predicted"]) <= float(p.get("uncertainty") or 0.0) + slack
+    return abs(p["measured"] - p["predicted"]) <= float(p.get("uncertainty") or 0.0) + measurement_margin(p)
 
 
 def _within(p: dict) -> str:
@@ -361,10 +371,9 @@ def agreement_note(points: Sequence[dict]) -> str | None:
     good = [p for p in points if within(p) is not None and p["predicted"] > 0 and p["measured"] > 0]
     if len(good) < 2:
         return None
-    inside = sum(bool(within(p)) for p in good)
-    ratios = sorted(p["measured"] / p["predicted"] for p in good)
-    med = ratios[len(ratios) // 2] if len(ratios) % 2 else math.sqrt(ratios[len(ratios) // 2 - 1] *
-                                                                   ratios[len(ratios) // 2])
+    inside = sum(within(p) for p in good)
+    ratios = [p["measured"] / p["predicted"] for p in good]
+    med = math.exp(statistics.median(math.log(r) for r in ratios))  # even counts: the geometric mean of the two
     text = (f"{inside} of {len(good)} measurements agree with their prediction (within the stated uncertainty "
             f"and two standard errors of the measurement); the measured deltas are a median ×{med:.2f} of "
             "the predicted ones.")
@@ -594,14 +603,11 @@ class _Builder:
             d.h3("Uniform settings")
             d.p(f"Every target layer compressed the same way and measured on the {sweep.get('eval_windows', '')} "
                 f"held-apart windows ({sweep.get('metric', '')}); predictions use the plan's calibrated sensitivities.")
-            rows = [[p.get("setting", ""), _f(p.get("predicted_delta"), ".3g"),
-                     _f(p.get("predicted_delta_uncertainty"), ".2g"),
-                     _f(p.get("measured_delta"), ".3g") + (f" ± {_f(2 * p['measured_delta_stderr'], '.2g')}"
-                                                            if p.get("measured_delta_stderr") is not None else ""),
-                     _within({"predicted": p.get("predicted_delta"), "measured": p.get("measured_delta"),
-                              "uncertainty": p.get("predicted_delta_uncertainty"),
-                              "measured_stderr": p.get("measured_delta_stderr")})]
-                    for p in sweep["points"]]
+            pts = [comparison_point(p, p.get("setting", "")) for p in sweep["points"]]
+            rows = [[pt["label"], _f(pt["predicted"], ".3g"), _f(pt["uncertainty"], ".2g"),
+                     _f(pt["measured"], ".3g") + (f" ± {_f(measurement_margin(pt), '.2g')}"
+                                                  if measurement_margin(pt) else ""), _within(pt)]
+                    for pt in pts]
             d.table(["setting", "predicted δ", "± uncertainty", "measured δ", "within"], rows,
                     note="within: |measured − predicted| ≤ the stated uncertainty (two σ of the calibration map's "
                          "misfit) + two standard errors of the measurement.")

@@ -506,7 +506,7 @@ def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None)
     ``identity``). The title counts the points whose measurement agrees with the prediction
     (:func:`specprune.report.document.within`: the stated uncertainty plus two standard errors of the
     measurement)."""
-    from .document import within
+    from .document import measurement_margin, within
 
     good = [p for p in points if p.get("predicted") is not None and p.get("measured") is not None
             and p["predicted"] > 0 and p["measured"] > 0]
@@ -523,8 +523,7 @@ def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None)
             inside += 1
         lab = {"plan": "recommended plan", "bits": "uniform bits", "rank": "uniform truncation"}.get(
             p.get("kind", ""), p.get("kind", "other"))
-        se = p.get("measured_stderr")
-        ye = 2.0 * float(se) if isinstance(se, (int, float)) and math.isfinite(se) and se > 0 else 0.0
+        ye = measurement_margin(p)
         ax.errorbar([p["predicted"]], [p["measured"]], xerr=[[min(u, p["predicted"] * 0.999)], [u]],
                     yerr=[[min(ye, p["measured"] * 0.999)], [ye]] if ye else None,
                     fmt=marker, color=color, ms=size, mec="k", capsize=2, gid="measured",

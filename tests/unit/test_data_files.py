@@ -20,7 +20,8 @@ def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
 def test_upper_case_suffixes_get_a_hint(tmp_path):
     (tmp_path / "A.TXT").write_text("words")
     with pytest.raises(InputError, match=r"unsupported data file .*A\.TXT: expected \.txt, \.jsonl or a directory, "
-                                         r"or tensors \(\.pt, \.pth, \.safetensors, \.npy\) \(suffixes are lower case\)"):
+                                         r"or tensors \(\.pt, \.pth, \.safetensors, \.npy\) "
+                                         r"\(suffixes are lower case\)"):
         read_texts([tmp_path / "A.TXT"])
     d = tmp_path / "d"
     d.mkdir()
