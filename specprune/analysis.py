@@ -114,9 +114,10 @@ class InputGroup:
 
     key: str
     tokens: int
-    eigenvalues: np.ndarray
-    eigenvectors: np.ndarray  # columns, descending eigenvalue order (d × k; k = d unless truncated)
-    layers: list[str]
+    eigenvalues: np.ndarray = field(repr=False)
+    # columns, descending eigenvalue order (d × k; k = d unless truncated)
+    eigenvectors: np.ndarray = field(repr=False)
+    layers: list[str] = field(repr=False)
     dim: int = 0  # d (0: len(eigenvalues), a full solve)
     tail_trace: float = 0.0  # Σ of the unsolved eigenvalues (truncated solves)
     solver: dict = field(default_factory=dict)  # how the group was solved (method, residuals, …)
@@ -157,6 +158,11 @@ class Analysis:
     specprune_version: str = __version__
     seconds: float = 0.0
     memory: dict = field(default_factory=dict)  # the memory estimate the run was planned with
+
+    def __repr__(self) -> str:
+        frontier = sum(lay.k_star is not None for lay in self.layers)
+        return (f"Analysis({self.model.get('source', '?')!r}: {len(self.layers)} layers in {len(self.groups)} input "
+                f"groups, {self.calibration.get('tokens', '?')} tokens, k* found in {frontier})")
 
     def layer(self, name: str) -> LayerAnalysis:
         for lay in self.layers:
@@ -622,7 +628,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     every token); ``memory_check`` — estimate and check memory up front (the estimate is recorded in
     ``Analysis.memory``); ``log`` — receives one-line status messages.
     """
-    from .data import Batches, from_iterable, load_data
+    from .data import Batches, check_seed, from_iterable, load_data
     from .distributed import all_reduce_scalars, is_distributed, rank, shard, solve_on_main
     from .memory import choose_solver
     from .models import eval_mode, model_device, num_parameters, resolve_device, unwrap
@@ -648,6 +654,7 @@ def analyze(model: nn.Module, data: Any, *, include: Sequence[str] | None = None
     choose_solver(1, solver, top_k, threshold)  # validate the options before any work
     solve_precision(1, 1, precision)
     token_sample = check_sample(token_sample)
+    check_seed(seed)
     dispatched = _dispatched(model)
     original = model_device(model)
     if dispatched:

@@ -345,6 +345,10 @@ def from_iterable(data: Iterable[Any], seed: int = 0) -> Batches:
             if not any(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in item.values()):
                 raise InputError(f"a data batch (dict) must hold tensors, got keys {sorted(map(str, item))[:5]} "
                                  "without one")
+            ids, mask = item.get("input_ids"), item.get("attention_mask")
+            if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and ids.shape != mask.shape:
+                raise InputError(f"a data batch's attention_mask has shape {tuple(mask.shape)}, its input_ids "
+                                 f"{tuple(ids.shape)}: they must match (one mask entry per token)")
             batches.append(dict(item))
         elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
             b = {"input": item[0]}
@@ -428,6 +432,33 @@ def _short(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+FLOAT_INPUT_KEYS = ("input", "pixel_values")
+
+
+def _model_float_dtype(model) -> torch.dtype | None:
+    params = getattr(model, "parameters", None)
+    if params is None:
+        return None
+    try:
+        return next((p.dtype for p in params() if p.is_floating_point()), None)
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _as_model_dtype(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Real floating data in another floating dtype than the model's weights (numpy's float64 arrays
+    for a float32 model, float32 data for a bfloat16 one) is cast to the weights' dtype, as a copy; token
+    ids, masks, labels and complex data are left as they are."""
+    want = _model_float_dtype(model)
+    if want is None:
+        return batch
+    if not any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != want
+               for k, v in batch.items() if k in FLOAT_INPUT_KEYS):
+        return batch
+    return {k: (v.to(want) if k in FLOAT_INPUT_KEYS and isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v) for k, v in batch.items()}
+
+
 def _call(model, batch: dict[str, torch.Tensor]):
     if "input" in batch:
         return model(batch["input"])
@@ -440,10 +471,12 @@ def forward(model, batch: dict[str, torch.Tensor], device=None):
 
     The first batch of each input layout is checked: token windows longer than the model's learned
     position embeddings, or data the model cannot take (wrong shape, wrong kind), fail with one line
-    naming the data instead of the framework's internal error."""
+    naming the data instead of the framework's internal error. Floating data in another floating
+    dtype than the model's weights is cast to theirs first (:func:`_as_model_dtype`)."""
     origin_batch = batch
     if device is not None:
         batch = to_device(batch, device)
+    batch = _as_model_dtype(model, batch)
     try:
         seen = _FITTED.setdefault(model, set())
     except TypeError:  # a callable that cannot be weakly referenced: run unchecked

@@ -17,6 +17,7 @@ variants against it (what sweeps and calibration need).
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -80,6 +81,14 @@ def resolve_metric(name: str, model: nn.Module, batches: Batches) -> str:
     if name not in METRICS:
         metric_function(name)  # unknown names fail here with a near-match suggestion
     return name
+
+
+def check_metric(name: str) -> None:
+    """Refuse an unknown ``--metric`` up front (before an analysis or a model load that it would otherwise
+    fail after): built-in names pass, anything else must resolve to a metric function."""
+    name = (name or "auto").strip()
+    if name not in METRICS:
+        metric_function(name)
 
 
 def lm_head_missing(model: nn.Module) -> bool:
@@ -404,6 +413,11 @@ def evaluate(model: nn.Module, data, reference: nn.Module | None = None, metric:
     for what, m in (("model", model), ("reference", reference)):
         if m is not None and not isinstance(m, nn.Module):
             raise InputError(f"evaluate takes the {what} as a torch.nn.Module, got {type(m).__name__}")
+    if predicted_delta is not None:
+        if isinstance(predicted_delta, bool) or not isinstance(predicted_delta, numbers.Real) \
+                or not math.isfinite(predicted_delta):
+            raise InputError(f"predicted_delta must be a finite number or None, got {predicted_delta!r}")
+        predicted_delta = float(predicted_delta)
     batches = data if isinstance(data, Batches) else from_iterable(data)
     t0 = time.perf_counter()
     ev = Evaluator(reference if reference is not None else model, batches, metric, device)

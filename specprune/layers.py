@@ -229,11 +229,30 @@ def tied_head_names(model: nn.Module) -> set[str]:
             if isinstance(m, nn.Linear) and m.weight.data_ptr() in emb_ptrs}
 
 
+def _patterns(patterns, what: str) -> list[str]:
+    """``include``/``exclude`` as a list of strings: one string is one pattern (not its characters)."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns] if patterns else []
+    try:
+        out = list(patterns)
+    except TypeError:
+        raise InputError(f"{what} takes layer patterns (a string or a list of strings), got "
+                         f"{type(patterns).__name__}") from None
+    bad = [p for p in out if not isinstance(p, str)]
+    if bad:
+        raise InputError(f"{what} takes layer patterns (a string or a list of strings), got an item "
+                         f"{bad[0]!r} of type {type(bad[0]).__name__}")
+    return out
+
+
 def select_layers(model: nn.Module, include: Sequence[str] | None = None,
                   exclude: Sequence[str] | None = None) -> list[TargetLayer]:
-    """Supported layers of ``model`` in ``named_modules`` order, filtered by the patterns."""
-    include = list(include or [])
-    exclude = list(exclude or [])
+    """Supported layers of ``model`` in ``named_modules`` order, filtered by the patterns (each a list of
+    patterns, or one pattern as a string)."""
+    include = _patterns(include, "include")
+    exclude = _patterns(exclude, "exclude")
     tied = tied_head_names(model)
     adapter_list = adapters()
     out = []

@@ -143,7 +143,7 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     evaluator = Evaluator(loaded.model, evalb, metric)  # reference before the model changes
     log(f"applying the plan (predicted delta {plan.predicted_delta:.4g})")
     apply_(loaded.model, plan, analysis=analysis)
-    ev = evaluator.evaluation(loaded.model, predicted_delta=plan.predicted_delta)
+    ev = evaluator.evaluation(loaded.model, predicted_delta=plan.prediction)
     ev.size = plan.size
     within = ev.measured_delta <= tolerance + plan.predicted_delta_uncertainty
     with output_dir(out, inputs, overwrite) as tmp:

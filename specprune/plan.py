@@ -43,6 +43,29 @@ def _integer(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def settings_digest(layers: dict) -> str:
+    """A digest of what a plan does to each layer (method, rank — or the rate while no rank is resolved —,
+    bits, group size; LayerPlans or their JSON dicts): the recommender records it with its prediction, so that
+    a plan edited by hand afterwards is known not to be the plan that was predicted."""
+    import hashlib
+
+    rows = []
+    for name in sorted(layers):
+        lp = layers[name]
+        get = lp.get if isinstance(lp, dict) else (lambda k, lp=lp: getattr(lp, k, None))
+        rank, rate = get("rank"), get("prune_rate") or 0.0
+        cut = rank if rank is not None else (round(float(rate), 9) if _finite_number(rate) and rate else None)
+        rows.append([str(name), get("method"), cut, get("bits"), get("group_size")])
+    return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
+
+
+def edited_since_prediction(doc: dict) -> bool:
+    """True for a plan (JSON dict) whose layer settings differ from those its prediction was made for."""
+    made = (doc.get("details") or {}).get("predicted_settings") if isinstance(doc, dict) else None
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    return isinstance(made, str) and isinstance(layers, dict) and made != settings_digest(layers)
+
+
 @dataclass
 class LayerPlan:
     method: str | None = None
@@ -95,6 +118,23 @@ class Plan:
                 "predicted_delta_uncertainty": self.predicted_delta_uncertainty,
                 "layers": {n: asdict(lp) for n, lp in self.layers.items()}, "size": self.size,
                 "details": self.details}
+
+    def __repr__(self) -> str:
+        """One line: the prediction, what the plan does and its size (``to_dict()`` holds everything; the
+        dataclass repr printed ``details``, kilobytes of it)."""
+        quantized = sum(lp.bits is not None for lp in self.layers.values())
+        pruned = sum(lp.method is not None for lp in self.layers.values())
+        def num(v, spec: str) -> str:  # a hand-built plan may hold anything: repr must not raise
+            return format(v, spec) if _finite_number(v) else repr(v)
+
+        pred = "none" if self.prediction is None else \
+            f"{num(self.predicted_delta, '.4g')} ± {num(self.predicted_delta_uncertainty, '.2g')}"
+        size = ""
+        if isinstance(self.size, dict) and self.size.get("bits_before") and "bits_after" in self.size:
+            size = f", bits {self.size['bits_before']} → {self.size['bits_after']}"
+        return (f"Plan(metric={self.metric!r}, tolerance={num(self.tolerance, 'g')}, predicted_delta={pred}, "
+                f"calibrated={self.calibrated}, layers={len(self.layers)} ({pruned} pruned, {quantized} quantized)"
+                f"{size})")
 
     def save(self, path: str | Path, inputs=(), overwrite: bool = True) -> Path:
         if Path(path).is_dir():
@@ -153,10 +193,16 @@ class Plan:
         return cls.from_dict(doc, str(path))
 
     @property
+    def edited(self) -> bool:
+        """True when the layer settings differ from those the recommender predicted (edited by hand)."""
+        return edited_since_prediction({"details": self.details, "layers": self.layers})
+
+    @property
     def prediction(self) -> float | None:
         """The predicted delta, or None for a plan that made no prediction (metric "none": the ``--rate`` /
-        ``--bits`` shortcuts and hand-written plans)."""
-        return None if self.metric == "none" else self.predicted_delta
+        ``--bits`` shortcuts and hand-written plans) or whose layers were edited after it (:attr:`edited`:
+        the prediction is of the plan as recommended, not of this one)."""
+        return None if self.metric == "none" or self.edited else self.predicted_delta
 
     @classmethod
     def uniform(cls, layer_names, *, rate: float | None = None, bits: int | None = None,
@@ -164,9 +210,9 @@ class Plan:
                 fingerprint: str = "") -> "Plan":
         """The same setting on every named layer (``--rate``/``--bits`` shortcuts). For low-rank
         methods ``rate`` is turned into a rank per layer by :func:`specprune.compress.apply.apply_`."""
-        if rate is not None and not 0.0 <= rate < 1.0:
+        if rate is not None and (not _finite_number(rate) or not 0.0 <= rate < 1.0):
             raise InputError(f"--rate must be in [0, 1), got {rate}")
-        if bits is not None and not BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
+        if bits is not None and (not _integer(bits) or not BITS_RANGE[0] <= bits <= BITS_RANGE[1]):
             raise InputError(f"--bits must be in 2..8, got {bits}")
         layers = {n: LayerPlan(method=method if rate else None, prune_rate=float(rate or 0.0), bits=bits,
                                group_size=group_size if bits else None) for n in layer_names}

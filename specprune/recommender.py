@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,7 @@ from torch import nn
 
 from .errors import InputError
 from .layers import TargetLayer, select_layers
-from .plan import LayerPlan, Plan
+from .plan import LayerPlan, Plan, settings_digest
 from .sensitivity import (
     CalibrationMap,
     LayerGeometry,
@@ -82,6 +83,43 @@ def check_gradient_defined(model: nn.Module, layers, metric: str, batches) -> No
     from .evaluation import resolve_metric
 
     _refuse_gradient(unsupported(layers, resolve_metric(metric, model, batches)))
+
+
+def _is_int(v) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _methods(methods) -> tuple:
+    """``methods``: an iterable of names, or one string (``"prune"``, ``"prune,quantize"``)."""
+    if isinstance(methods, str):
+        return tuple(m.strip() for m in methods.split(",") if m.strip())
+    try:
+        return tuple(methods)
+    except TypeError:
+        raise InputError(f"--methods takes prune and/or quantize, got {methods!r}") from None
+
+
+def _bits_choices(bits_choices) -> tuple[int, ...]:
+    """``bits_choices``: a non-empty iterable of integers in 2..8, sorted and deduplicated."""
+    why = f"--bits-choices must be integers in 2..8, got {bits_choices!r}"
+    if isinstance(bits_choices, (str, bytes)) or not isinstance(bits_choices, Iterable):
+        raise InputError(why)
+    bits = tuple(bits_choices)
+    if not bits or not all(_is_int(b) and 2 <= b <= 8 for b in bits):
+        raise InputError(why)
+    return tuple(sorted({int(b) for b in bits}))
+
+
+def _group_sizes(group_sizes) -> tuple:
+    """``group_sizes``: a non-empty iterable of positive integers and/or None (one scale per channel)."""
+    why = f"group_sizes must be positive integers or None (one scale per output channel), got {group_sizes!r}"
+    if isinstance(group_sizes, (str, bytes)) or not isinstance(group_sizes, Iterable):
+        raise InputError(why)
+    sizes = tuple(group_sizes)
+    if not sizes or not all(g is None or (_is_int(g) and g > 0) for g in sizes):
+        raise InputError(why)
+    return tuple(None if g is None else int(g) for g in sizes)
 
 
 def _refuse_gradient(why: str | None) -> None:
@@ -313,13 +351,17 @@ class Recommender:
         from .evaluation import Evaluator, resolve_metric
 
         t0 = time.perf_counter()
-        methods = tuple(methods)
+        methods = _methods(methods)
         unknown = set(methods) - {"prune", "quantize"}
         if unknown or not methods:
             raise InputError(f"--methods takes prune and/or quantize, got {','.join(methods) or 'nothing'}")
-        bits_choices = tuple(sorted({int(b) for b in bits_choices}))
-        if not bits_choices or any(b < 2 or b > 8 for b in bits_choices):
-            raise InputError(f"--bits-choices must be integers in 2..8, got {bits_choices}")
+        bits_choices = _bits_choices(bits_choices)
+        group_sizes = _group_sizes(group_sizes)
+        for what, n in (("sensitivity_samples", sensitivity_samples), ("verify_samples", verify_samples)):
+            if n is not None and (not _is_int(n) or n < 1):
+                raise InputError(f"{what} must be a positive integer or None, got {n!r}")
+        if not _is_int(seed):
+            raise InputError(f"--seed must be an integer, got {seed!r}")
         if prune_method not in ("whitened", "spectral"):
             raise InputError(f"prune method must be whitened or spectral, got {prune_method!r}")
         check_sensitivity_mode(sensitivity)
@@ -344,6 +386,11 @@ class Recommender:
             raise InputError(f"the model has no layer {missing[0]!r} of the analysis ({len(missing)} missing): pass "
                              "the model the analysis was made on")
         self.layers = select_layers(model, include=[lay.name for lay in analysis.layers])
+        for lay in self.layers:  # same names, other shapes: not the model the analysis was made on
+            la = analysis.layer(lay.name)
+            if (lay.d_in, lay.d_out) != (la.d_in, la.d_out):
+                raise InputError(f"layer {lay.name} of the model is {lay.d_in} → {lay.d_out} but the analysis saw "
+                                 f"{la.d_in} → {la.d_out}: pass the model the analysis was made on")
         from .compress.apply import _weight_users
 
         holders = _weight_users(model)
@@ -616,6 +663,7 @@ class Recommender:
                                                 "r_star": analysis.layer(lay.name).r_star}
                                      for lay in self.layers},
                         "seconds": round(self.seconds + time.perf_counter() - t0, 3)}
+        plan.details["predicted_settings"] = settings_digest(plan.layers)  # Plan.edited: changed since
         if in_sample is not None:
             plan.details["in_sample_truncations"] = in_sample
         if warning:

@@ -161,6 +161,34 @@ def _uniform_builder(include, exclude, **kw):
     return build
 
 
+def _plan_for(cmd: str, path: Path, shortcut_opts: dict):
+    """The plan of ``prune|quantize --plan PATH``. Options that only shape the --rate/--bits shortcut are
+    refused rather than silently ignored, and a plan that also does the other kind of compression is sent to
+    ``apply`` (``quantize`` has no covariance source for a whitened truncation, and neither command should
+    do what its name says it does not)."""
+    from ..compress.apply import get_compressor
+    from ..errors import InputError
+    from ..plan import Plan
+
+    shortcut = "--rate" if cmd == "prune" else "--bits"
+    given = [opt for opt, v in shortcut_opts.items() if v]
+    if given:
+        raise InputError(f"{'/'.join(given)} goes with {shortcut}, not --plan (a plan sets every layer's "
+                         "settings: edit the plan instead)")
+    p = Plan.load(path)
+    if cmd == "prune":
+        other = [n for n, lp in p.layers.items() if lp.bits is not None]
+        what, kind = "quantizes", "pruning"
+    else:
+        other = [n for n, lp in p.layers.items()
+                 if lp.method is not None and get_compressor(lp.method).kind != "quantize"]
+        what, kind = "prunes", "quantization"
+    if other:
+        raise InputError(f"{path} also {what} {len(other)} layer(s) (e.g. {other[0]}) and `specprune {cmd}` "
+                         f"applies {kind} only; use `specprune apply MODEL --plan {path}` to apply it whole")
+    return p
+
+
 def prune_cmd(
     model: Annotated[str, typer.Argument(help="Model to prune (never modified).")],
     out: OutOpt,
@@ -178,13 +206,12 @@ def prune_cmd(
     """Prune every targeted layer by --rate (spectral low-rank by default), or as a plan says."""
     from .. import registry
     from ..errors import InputError
-    from ..plan import Plan
 
     check_early(None, include, exclude, samples=samples, seq_len=seq_len, batch_size=batch_size)
     if (rate is None) == (plan is None):
         raise InputError("give exactly one of --rate R or --plan PLAN")
     if plan is not None:
-        p = Plan.load(plan)
+        p = _plan_for("prune", plan, {"--method": method != "spectral", "--include": include, "--exclude": exclude})
     else:
         if not 0.0 <= rate < 1.0:
             raise InputError(f"--rate must be in [0, 1), got {rate}")
@@ -210,13 +237,13 @@ def quantize_cmd(
 ) -> None:
     """Round-to-nearest symmetric int-B quantization (per channel or per group), stored packed."""
     from ..errors import InputError
-    from ..plan import Plan
 
     check_early(None, include, exclude)
     if (bits is None) == (plan is None):
         raise InputError("give exactly one of --bits B or --plan PLAN")
     if plan is not None:
-        p = Plan.load(plan)
+        p = _plan_for("quantize", plan, {"--group-size": group_size is not None, "--include": include,
+                                         "--exclude": exclude})
     else:
         if not 2 <= bits <= 8:
             raise InputError(f"--bits must be in 2..8, got {bits}")
@@ -285,6 +312,7 @@ def compress_cmd(
     """analyze → recommend → apply → evaluate → save. Exit 3 if the measured delta exceeds the tolerance
     by more than the stated uncertainty (output kept and marked)."""
     from ..errors import InputError, ToleranceExceeded
+    from ..evaluation import check_metric
     from ..models import load_model
     from ..pipeline import DataSpec, compress
     from ..recommender import check_sensitivity_mode
@@ -296,6 +324,7 @@ def compress_cmd(
     if prune_method not in ("whitened", "spectral"):
         raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
     check_sensitivity_mode(sensitivity)
+    check_metric(metric)
     ms = parse_methods(methods)
     bits = parse_bits_choices(bits_choices)
     group_sizes = group_sizes_from(group_size)

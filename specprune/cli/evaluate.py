@@ -92,7 +92,7 @@ def evaluate_cmd(
     import time
 
     from ..errors import InputError
-    from ..evaluation import Evaluator
+    from ..evaluation import Evaluator, check_metric
     from ..io import check_output_path, dumps, write_atomic
     from ..models import load_model, resolve_device
     from ..pipeline import DataSpec
@@ -100,6 +100,7 @@ def evaluate_cmd(
 
     ctx = Ctx(fmt, quiet)
     check_early(device, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    check_metric(metric)
     t0 = time.perf_counter()
     # Without --reference, a compressed directory is measured against the source model it records.
     auto_ref, ref_note = (None, None) if reference else recorded_source(model)
@@ -127,8 +128,14 @@ def evaluate_cmd(
         str(Path(model) / "plan.json") if (Path(model) / "plan.json").is_file() else None
     the_plan = Plan.load(plan_path) if plan_path else None
     pred = the_plan.prediction if the_plan is not None else None
-    evaluator = Evaluator(ref.model if ref is not None else loaded.model, batches, metric, dev)
     pred_note = None
+    if the_plan is not None and the_plan.edited:
+        pred_note = (f"the plan's layer settings were edited after recommend predicted "
+                     f"{the_plan.predicted_delta:.4g} for it: that prediction is not this plan's, so there is none to "
+                     "compare with")
+    if reference and the_plan is not None and ref is not None:
+        ref_note = _other_reference(ref.model, the_plan, reference) or ref_note
+    evaluator = Evaluator(ref.model if ref is not None else loaded.model, batches, metric, dev)
     if pred is not None and the_plan.metric not in ("auto", evaluator.metric):  # another quantity's prediction
         pred_note = (f"the plan predicts the {the_plan.metric} delta, not {evaluator.metric}: no prediction to "
                      "compare with")
@@ -163,6 +170,20 @@ def evaluate_cmd(
     if out_file is not None and is_main():
         write_atomic(out_file, dumps(doc), inputs=inputs, overwrite=overwrite)
     ctx.emit(doc, render_evaluation)
+
+
+def _other_reference(ref_model, plan, reference: str) -> str | None:
+    """A note when --reference has other weights than the model the plan was made for (its fingerprint):
+    the delta is then measured against another model, not against the uncompressed source, and the
+    plan's prediction is no forecast of it."""
+    from ..models import fingerprint
+
+    made_for = plan.model.get("fingerprint")
+    if not made_for or made_for == fingerprint(ref_model):
+        return None
+    return (f"--reference {reference} has other weights than the model the plan was made for (fingerprints "
+            "differ): the measured delta is against another model than the uncompressed source, and the "
+            "prediction does not forecast it")
 
 
 def _load_recorded(source: Path, model: str, arch):

@@ -106,6 +106,7 @@ def recommend_cmd(
     """Per-layer ranks and bit-widths that keep the predicted metric increase under --tolerance at the
     smallest size, with sensitivities calibrated on --data."""
     from ..errors import InputError
+    from ..evaluation import check_metric
     from ..io import check_output_path
     from ..pipeline import DataSpec, analysis_or_model, verification_note
     from ..recommender import check_gradient_defined, check_sensitivity_mode, recommend
@@ -117,6 +118,7 @@ def recommend_cmd(
     if prune_method not in ("whitened", "spectral"):
         raise InputError(f"--prune-method must be whitened or spectral, got {prune_method!r}")
     check_sensitivity_mode(sensitivity)
+    check_metric(metric)
     ms = parse_methods(methods)
     bits = parse_bits_choices(bits_choices)
     group_sizes = group_sizes_from(group_size)

@@ -390,6 +390,12 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
     from .. import registry
     from ..models import unwrap
 
+    if not isinstance(model, nn.Module):
+        raise InputError(f"apply_ takes the model as a torch.nn.Module, got {type(model).__name__} (load a "
+                         "checkpoint with specprune.models.load_model, or use the CLI)")
+    if analysis is not None and not callable(getattr(analysis, "group_of", None)):
+        raise InputError(f"apply_ takes the analysis as a specprune Analysis (specprune.analyze, or "
+                         f"Analysis.load(DIR)), got {type(analysis).__name__}")
     plan = _as_plan(plan)
     dev = _resolve_device(device)
     wrapper, model = model, unwrap(model)  # names are the model's own; the wrapper holds the same modules

@@ -15,14 +15,21 @@ Layout of a directory written by :func:`save_compressed`:
   original module type) and the quantized tensors (bits, group size, matrix shape, layout,
   parameter shape, dtype), plus ``aliases`` of tied tensors.
 * for Hugging Face sources: the original ``config.json`` and tokenizer files
-  (tokenizer*, vocab*, merges.txt, special_tokens_map.json, …).
+  (tokenizer*, vocab*, merges.txt, special_tokens_map.json, …). The config gets one key more, a
+  ``quantization_config`` without a ``quant_method`` (see :data:`HF_REFUSAL`), which makes
+  ``transformers``' ``from_pretrained`` on the directory raise instead of quietly loading: it cannot
+  read the packed codes and the factors, and without the marker it puts randomly initialised weights
+  in their place with no more than a logged load report. The source's own ``quantization_config``, if
+  it had one, is kept inside the marker and put back by the loader; ``AutoConfig`` and
+  ``AutoTokenizer`` read the directory as before.
 * with ``export_dense=True``: ``dense/``, a plain checkpoint with the dequantized weights and the
   factors multiplied back into the original module shapes (HF: ``save_pretrained``, so
   ``from_pretrained`` loads it as is; otherwise a state dict ``model.safetensors`` for ``--arch``).
 
-Loading (:func:`load_saved`, :func:`load`): HF sources are rebuilt from the saved config with the
-transformers class *named* in specprune.json (looked up as an attribute of ``transformers``;
-configs that need remote code are refused, trust_remote_code is never used); non-HF sources need
+Loading (:func:`load_saved`, :func:`load`): HF sources are rebuilt from the saved config (marker
+removed; directories written before it existed have none) with the transformers class *named* in
+specprune.json (looked up as an attribute of ``transformers``; configs that need remote code are
+refused, trust_remote_code is never used); non-HF sources need
 ``arch`` given explicitly by the caller — nothing named inside a received directory is imported.
 Then the factorized layers are put in place, the codes are unpacked and dequantized to the source
 dtype, and the state dict is loaded. The module comes back in eval mode on CPU, with the
@@ -32,6 +39,7 @@ quantization scales recorded on its modules so that saving it again packs the sa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -61,6 +69,19 @@ SCALES_SUFFIX = "::scales"
 HF_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "vocab*", "merges.txt",
                     "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece*.model",
                     "*.tiktoken", "chat_template*", "preprocessor_config.json")
+# The config.json marker. transformers (5.x; checked on 5.24) raises ValueError("The model's quantization config
+# from the arguments has no `quant_method` attribute ...") from from_pretrained when the config's quantization_config
+# lacks quant_method, before it reads any weight (the MLX community checkpoints trip on the same check); an *unknown*
+# quant_method would only log a warning and load random weights. That exception's text is fixed, so the marker
+# carries ours for whoever opens config.json to see why.
+HF_MARKER_KEY = "quantization_config"
+HF_MARKER_FIELD = "specprune"
+HF_ORIGINAL_FIELD = "original_quantization_config"
+HF_REFUSAL = ("this directory was written by specprune: its model.safetensors holds packed integer codes and "
+              "low-rank factors that transformers' from_pretrained cannot read (it would load random weights in "
+              "their place), so this quantization_config makes it refuse. Load the directory with "
+              "specprune.load(DIR), or load its dense/ export (written with --export dense, or "
+              "save_compressed(..., export_dense=True)) with from_pretrained as is.")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -180,6 +201,50 @@ def _write_hf_files(model: nn.Module, info: dict, out: Path) -> list[str]:
     return copied
 
 
+def _is_marker(qc: Any) -> bool:
+    return isinstance(qc, dict) and HF_MARKER_FIELD in qc and "quant_method" not in qc
+
+
+def _read_json_object(f: Path) -> dict:
+    """A JSON object from ``f`` (InputError, one line, when it is unreadable or not an object)."""
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{f} is not readable JSON (corrupted?): {err}") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{f} is not a JSON object")
+    return doc
+
+
+def _mark_hf_config(out: Path) -> None:
+    """Add the refusal marker to ``out/config.json`` (key order and everything else kept), keeping a
+    quantization_config the source had inside it; a marker already there (re-compressing a compressed
+    directory) is replaced, its original kept."""
+    f = out / "config.json"
+    raw = _read_json_object(f)
+    original = raw.get(HF_MARKER_KEY)
+    if _is_marker(original):
+        original = original.get(HF_ORIGINAL_FIELD)
+    marker: dict = {HF_MARKER_FIELD: HF_REFUSAL}
+    if original is not None:
+        marker[HF_ORIGINAL_FIELD] = original
+    raw[HF_MARKER_KEY] = marker
+    f.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+
+
+def _unmark_config(config: Any) -> None:
+    """Remove the refusal marker from a loaded transformers config (restoring the source's own
+    quantization_config): the rebuilt model's config then describes the source, so that its
+    ``save_pretrained`` (the dense export included) writes a config from_pretrained loads."""
+    qc = getattr(config, HF_MARKER_KEY, None)
+    if not _is_marker(qc):
+        return
+    if qc.get(HF_ORIGINAL_FIELD) is not None:
+        setattr(config, HF_MARKER_KEY, qc[HF_ORIGINAL_FIELD])
+    else:
+        delattr(config, HF_MARKER_KEY)
+
+
 def _state_for_file(model: nn.Module, quantized: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to write (quantized weights packed) and aliases name → canonical name."""
     tensors: dict[str, torch.Tensor] = {}
@@ -237,6 +302,8 @@ def save_compressed(model: nn.Module, plan: Any, out_dir: str | Path, *, source:
     (out / PLAN_FILE).write_text(dumps(plan_doc), encoding="utf-8")
 
     copied = _write_hf_files(model, info, out) if hf else []
+    if hf:
+        _mark_hf_config(out)
     architecture = type(model).__name__
     applied = (plan_doc.get("details") or {}).get("applied") or {}
     modules = dict(model.named_modules())
@@ -292,6 +359,7 @@ def export_dense_checkpoint(model: nn.Module, out: Path, *, hf: bool, hf_files_f
         if hf:
             from transformers.utils import logging as hf_logging
 
+            _unmark_config(model.config)  # a module built from a marked config by hand: dense/ must load
             bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()  # library code: no progress output of its own
             try:
@@ -324,12 +392,7 @@ def read_spec(d: Path) -> dict:
     f = d / SPEC_FILE
     if not f.is_file():
         raise InputError(f"{d} is not a specprune model directory (no {SPEC_FILE})")
-    try:
-        spec = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{f} is not readable JSON (corrupted?): {err}") from None
-    if not isinstance(spec, dict):
-        raise InputError(f"{f} is not a JSON object")
+    spec = _read_json_object(f)
     if spec.get("format") != SAVED_FORMAT:
         raise InputError(f"{f}: unsupported format {spec.get('format')!r} (this specprune reads {SAVED_FORMAT})")
     for key, typ in (("source", dict), ("factorized", dict), ("quantized", dict), ("aliases", dict)):
@@ -360,6 +423,7 @@ def _build_hf(d: Path, architecture: str, dtype: torch.dtype) -> nn.Module:
         config = AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as err:
         raise InputError(f"cannot read the config in {d}: {str(err).splitlines()[0]}") from None
+    _unmark_config(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = cls._from_config(config, dtype=dtype)
@@ -419,6 +483,8 @@ def load_saved(path: str | Path, arch: str | Callable[[], nn.Module] | None = No
     from ..models import LoadedModel, load_tokenizer, read_state_dict
     from .apply import set_module
 
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"load takes the path of a compressed directory, got {type(path).__name__}")
     d = Path(path)
     spec = read_spec(d)
     src = spec["source"]

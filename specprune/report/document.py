@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..plan import edited_since_prediction
 
 ANALYSIS_FILE = "analysis.json"
 SERIES_FILE = "series.json"
@@ -504,7 +505,9 @@ class _Builder:
         layers = plan.get("layers") or {}
         pred, unc = plan.get("predicted_delta"), plan.get("predicted_delta_uncertainty")
         items = [("tolerance", f"{_f(plan.get('tolerance'), 'g')} (relative increase of {plan.get('metric')})"),
-                 ("predicted delta", f"{_f(pred, '.4g')} ± {_f(unc, '.2g')}"),
+                 ("predicted delta", f"{_f(pred, '.4g')} ± {_f(unc, '.2g')}" + (
+                     " — of the plan as recommended: its layer settings were edited since"
+                     if edited_since_prediction(plan) else "")),
                  ("calibrated", "yes — sensitivities measured on the calibration data" if plan.get("calibrated")
                   else "no — layer-local estimate")]
         if size:
