@@ -12,17 +12,16 @@ batches (dicts of tensors, as the model's ``forward`` takes them):
    are kept out of pruning (a common policy), before applying.
 3. ``specprune.apply_(model, plan, analysis=analysis)`` compresses in place (on a copy here) and
    ``specprune.evaluate(compressed, eval_batches, reference=model)`` measures the metric's change.
-4. The saved artifact comes from the CLI, ``specprune apply MODEL --plan plan.json --analysis A --out DIR``,
-   and ``specprune.load(DIR)`` gives back a module whose outputs match the in-memory result.
+4. ``specprune.save(compressed, plan, DIR, source=MODEL)`` writes the artifact (the layout of ``specprune apply
+   --out``, whole or not at all) and ``specprune.load(DIR)`` gives back a module whose outputs match the
+   in-memory result.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -80,7 +79,6 @@ def run(args: argparse.Namespace, out: Path) -> int:
 
     import specprune
     from specprune.analysis import sampling_note, undersampled_note
-    from specprune.errors import SpecpruneError
     from specprune.evaluation import output_tensor
     from specprune.textgen import write_text
 
@@ -137,14 +135,9 @@ def run(args: argparse.Namespace, out: Path) -> int:
     print(f"size {size['bits_before'] / 8e6:.2f} MB → {size['bits_after'] / 8e6:.2f} MB; measured delta "
           f"{ev.measured_delta:.4g} ({ev.metric}) on {sum(len(b['input_ids']) for b in held)} windows")
 
-    # 4. save with the CLI, reload with the API, check it is the same model
-    saved = out / "compressed"
-    cmd = [sys.executable, "-m", "specprune", "apply", model_path, "--plan", str(out / "plan.json"),
-           "--analysis", str(out / "analysis"), "--out", str(saved), "--format", "json"]
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SpecpruneError(f"specprune apply failed: {res.stderr.strip()}")
-    print(f"saved: {json.loads(res.stdout)['output']}")
+    # 4. save, reload, check it is the same model
+    saved = specprune.save(compressed, plan, out / "compressed", source=model_path)
+    print(f"saved: {saved}")
     reloaded = specprune.load(saved)
     with torch.inference_mode():
         batch = held[0]

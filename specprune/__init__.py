@@ -6,7 +6,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "analyze", "Analysis", "recommend", "Plan", "apply_", "evaluate",
-           "Evaluation", "load", "theory", "InSampleVerificationWarning", "IdentityCovarianceWarning",
+           "Evaluation", "save", "load", "theory", "InSampleVerificationWarning", "IdentityCovarianceWarning",
            "PluginWarning"]
 
 
@@ -39,10 +39,10 @@ def __getattr__(name):  # lazy: importing specprune stays cheap and side-effect 
         from . import evaluation as _ev
 
         return getattr(_ev, name)
-    if name == "load":
-        from .compress.saved import load
+    if name in ("save", "load"):
+        from .compress import saved as _saved
 
-        return load
+        return getattr(_saved, name)
     if name == "theory":
         import importlib
 

@@ -287,6 +287,61 @@ class Evaluation:
         d["seconds"] = round(self.seconds, 3)
         return d
 
+    def save(self, path, overwrite: bool = True):
+        """Write evaluation.json (whole or not at all); a directory gets ``evaluation.json`` inside it."""
+        from pathlib import Path
+
+        from .io import dumps, write_atomic
+
+        p = Path(path)
+        return write_atomic(p / "evaluation.json" if p.is_dir() else p, dumps(self.to_dict()), overwrite=overwrite)
+
+    @classmethod
+    def from_dict(cls, doc: dict, where: str = "evaluation") -> Evaluation:
+        """The inverse of :meth:`to_dict` (fields beyond the contract's go back to ``extra``), each field
+        checked: one line naming the first that is wrong."""
+        if not isinstance(doc, dict):
+            raise InputError(f"{where} is not a JSON object")
+        if not isinstance(doc.get("metric"), str):
+            raise InputError(f"{where}: 'metric' must be a string, got {doc.get('metric')!r}")
+        nums = {}
+        for key in ("reference_value", "value", "measured_delta", "predicted_delta"):
+            v = doc.get(key)
+            if v is None and key == "predicted_delta":
+                nums[key] = None
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"{where}: {key!r} must be a finite number, got {v!r}")
+            nums[key] = float(v)
+        for key in ("plan", "output"):
+            if doc.get(key) is not None and not isinstance(doc[key], str):
+                raise InputError(f"{where}: {key!r} must be a string or null, got {doc[key]!r}")
+        if not isinstance(doc.get("size") or {}, dict):
+            raise InputError(f"{where}: 'size' must be an object")
+        seconds = doc.get("seconds", 0.0)
+        known = {"metric", "plan", "output", "size", "seconds", *nums}
+        return cls(doc["metric"], nums["reference_value"], nums["value"], nums["measured_delta"],
+                   nums["predicted_delta"], doc.get("plan"), doc.get("output"), dict(doc.get("size") or {}),
+                   float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else 0.0,
+                   {k: v for k, v in doc.items() if k not in known})
+
+    @classmethod
+    def load(cls, path) -> Evaluation:
+        """Read an evaluation.json (or the one inside a directory) written by :meth:`save` or the CLI."""
+        import json
+        from pathlib import Path
+
+        p = Path(path)
+        if p.is_dir():
+            p = p / "evaluation.json"
+        if not p.is_file():
+            raise InputError(f"evaluation not found: {path}")
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise InputError(f"{path} is not readable JSON: {err}") from None
+        return cls.from_dict(doc, str(path))
+
 
 def value_labels(metric: str) -> tuple[str, str]:
     """What ``reference_value`` and ``value`` are, in words, for human output: for output-mse they are two

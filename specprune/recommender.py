@@ -93,7 +93,8 @@ def _is_int(v) -> bool:
 def _methods(methods) -> tuple:
     """``methods``: an iterable of names, or one string (``"prune"``, ``"prune,quantize"``)."""
     if isinstance(methods, str):
-        return tuple(m.strip() for m in methods.split(",") if m.strip())
+        ms = tuple(m.strip() for m in methods.split(",") if m.strip())
+        return ("prune", "quantize") if ms == ("both",) else ms
     try:
         return tuple(methods)
     except TypeError:

@@ -33,9 +33,11 @@ def parse_methods(text: str) -> tuple[str, ...]:
     from ..errors import InputError
 
     ms = tuple(m.strip() for m in text.split(",") if m.strip())
+    if ms == ("both",):
+        return ("prune", "quantize")
     bad = [m for m in ms if m not in ("prune", "quantize")]
     if bad or not ms:
-        raise InputError(f"--methods takes prune, quantize or prune,quantize; got {text!r}")
+        raise InputError(f"--methods takes prune, quantize, prune,quantize or both; got {text!r}")
     return ms
 
 

@@ -552,6 +552,33 @@ def load_saved(path: str | Path, arch: str | Callable[[], nn.Module] | None = No
                        info={"architecture": src.get("architecture"), "source": src, "specprune": spec})
 
 
+def save(model: nn.Module, plan: Any, out: str | os.PathLike, *, source: Any = None, export_dense: bool = False,
+         overwrite: bool = False) -> Path:
+    """``specprune.save``: write ``model`` (compressed by :func:`~specprune.compress.apply.apply_` with
+    ``plan``) as a directory :func:`load` reads — the layout of ``specprune apply --out`` — whole or not at
+    all: it is built in a temporary directory beside ``out`` and renamed into place. An existing ``out`` is
+    replaced only with ``overwrite``, and never one that holds or lies inside ``source`` (the model it came
+    from: a :class:`~specprune.models.LoadedModel`, a path, or None; an HF source's config and tokenizer
+    files are copied). ``export_dense`` also writes ``dense/``, a plain checkpoint HF tools load as is.
+    Returns ``out``."""
+    from ..io import output_dir
+    from ..plan import Plan
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"save takes the model as a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, (Plan, dict)):
+        raise InputError(f"save takes the plan that was applied (a Plan or its dict), got {type(plan).__name__}")
+    if isinstance(out, bool) or not isinstance(out, (str, os.PathLike)):
+        raise InputError(f"save takes the output directory as a path, got {type(out).__name__}")
+    from ..models import LoadedModel
+
+    src = source.source if isinstance(source, LoadedModel) else source
+    inputs = [src] if isinstance(src, (str, os.PathLike)) and Path(src).exists() else []
+    with output_dir(out, inputs, overwrite) as tmp:
+        save_compressed(model, plan, tmp, source=source, export_dense=export_dense)
+    return Path(out)
+
+
 def load(path: str | Path, arch: str | Callable[[], nn.Module] | None = None) -> nn.Module:
     """``specprune.load``: the compressed module in eval mode on CPU, weights dequantized to the
     source dtype. A non-HF source needs ``arch`` ('module:callable' or a callable) given explicitly."""

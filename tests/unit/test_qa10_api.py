@@ -188,3 +188,73 @@ def test_a_plan_edited_after_its_prediction_predicts_nothing(mlp_analysis, tmp_p
     assert "predicted_delta=none" in repr(edited)
     shortcut = Plan.uniform(["fc1"], bits=4)  # no prediction recorded: never "edited"
     assert not shortcut.edited and shortcut.prediction is None
+
+
+def test_save_writes_a_directory_load_reads_whole_or_not_at_all(mlp_analysis, tmp_path):
+    model, data, analysis = mlp_analysis
+    plan = Plan.uniform(["fc1", "fc2"], bits=4)
+    compressed = specprune.apply_(_mlp(), plan)
+    out = specprune.save(compressed, plan, tmp_path / "c")
+    assert out == tmp_path / "c" and (out / "model.safetensors").is_file() and (out / "plan.json").is_file()
+    x = data[0]
+    with torch.no_grad():
+        assert torch.equal(specprune.load(out, arch=_mlp)(x), compressed(x))
+    before = sorted(p.name for p in out.iterdir())
+    from specprune.errors import RefusedError
+
+    with pytest.raises(RefusedError, match="already exists; pass --overwrite"):
+        specprune.save(compressed, plan, out)
+    assert sorted(p.name for p in out.iterdir()) == before  # refused: untouched
+    assert specprune.save(compressed, plan, out, overwrite=True) == out
+    for args, what in (((None, plan, tmp_path / "d"), "the model as a torch.nn.Module"),
+                       ((compressed, "plan.json", tmp_path / "d"), "the plan that was applied"),
+                       ((compressed, plan, None), "the output directory as a path")):
+        with pytest.raises(InputError, match=what):
+            specprune.save(*args)
+    assert not (tmp_path / "d").exists()
+
+    class Boom(RuntimeError):
+        pass
+
+    import specprune.compress.saved as saved_mod
+
+    def failing(*a, **k):
+        raise Boom("disk full")
+
+    real = saved_mod.save_compressed
+    saved_mod.save_compressed = failing
+    try:
+        with pytest.raises(Boom):
+            specprune.save(compressed, plan, tmp_path / "e")
+    finally:
+        saved_mod.save_compressed = real
+    assert not any(p.name.startswith(".e") or p.name == "e" for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_evaluation_round_trips_through_json(mlp_analysis, tmp_path):
+    from specprune.evaluation import Evaluation
+
+    model, data, _ = mlp_analysis
+    ev = specprune.evaluate(specprune.apply_(_mlp(), Plan.uniform(["fc1", "fc2"], bits=3)), data, reference=model,
+                            predicted_delta=0.02)
+    ev.extra["eval_windows"] = 6
+    back = Evaluation.load(ev.save(tmp_path / "evaluation.json"))
+    assert back.to_dict() == ev.to_dict()
+    assert Evaluation.load(tmp_path).measured_delta == ev.measured_delta  # a directory: its evaluation.json
+    doc = ev.to_dict()
+    for key, bad, what in (("measured_delta", "0.1", "'measured_delta' must be a finite number"),
+                           ("predicted_delta", float("nan"), "'predicted_delta' must be a finite number"),
+                           ("metric", 3, "'metric' must be a string"), ("plan", 5, "'plan' must be a string")):
+        with pytest.raises(InputError, match=what):
+            Evaluation.from_dict({**doc, key: bad})
+    with pytest.raises(InputError, match="evaluation not found"):
+        Evaluation.load(tmp_path / "none.json")
+
+
+def test_methods_both_means_prune_and_quantize(mlp_analysis):
+    from specprune.cli.recommend import parse_methods
+    from specprune.recommender import _methods
+
+    assert parse_methods("both") == ("prune", "quantize") == _methods("both")
+    with pytest.raises(InputError, match="prune, quantize, prune,quantize or both"):
+        parse_methods("both,prune")
