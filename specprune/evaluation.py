@@ -328,19 +328,9 @@ class Evaluation:
     @classmethod
     def load(cls, path) -> Evaluation:
         """Read an evaluation.json (or the one inside a directory) written by :meth:`save` or the CLI."""
-        import json
-        from pathlib import Path
+        from .io import read_json_doc
 
-        p = Path(path)
-        if p.is_dir():
-            p = p / "evaluation.json"
-        if not p.is_file():
-            raise InputError(f"evaluation not found: {path}")
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise InputError(f"{path} is not readable JSON: {err}") from None
-        return cls.from_dict(doc, str(path))
+        return cls.from_dict(read_json_doc(path, "evaluation.json", "evaluation"), str(path))
 
 
 def value_labels(metric: str) -> tuple[str, str]:

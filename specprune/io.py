@@ -126,6 +126,24 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, inputs: Iterable[st
     return p
 
 
+def read_json_doc(path: str | os.PathLike, file_name: str, what: str):
+    """The JSON document at ``path`` (or ``path/file_name`` for a directory): InputError, one line, when it is
+    missing, unreadable or nested too deeply (``what`` names it: "plan", "evaluation")."""
+    from .errors import InputError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / file_name
+    if not p.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} is not readable JSON: {err}") from None
+    except RecursionError:
+        raise InputError(f"{path} is not a {what}: its JSON is nested too deeply") from None
+
+
 def dumps(obj) -> str:
     """Deterministic JSON used for every file specprune writes. Strict JSON: a non-finite float
     (an undefined statistic, e.g. the spread of a single sample) is written as null."""

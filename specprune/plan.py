@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .io import dumps, write_atomic
+from .io import dumps, read_json_doc, write_atomic
 
 PLAN_FORMAT = 1
 BITS_RANGE = (2, 8)
@@ -179,17 +179,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        p = Path(path)
-        if p.is_dir():
-            p = p / "plan.json"
-        if not p.is_file():
-            raise InputError(f"plan not found: {path}")
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"{path} is not readable JSON: {err}") from None
-        except RecursionError:
-            raise InputError(f"{path} is not a plan: its JSON is nested too deeply") from None
+        doc = read_json_doc(path, "plan.json", "plan")
         return cls.from_dict(doc, str(path))
 
     @property
