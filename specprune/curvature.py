@@ -180,13 +180,30 @@ def gauss_newton_scores(model: nn.Module, layers: list[TargetLayer], deltas: dic
     curvature term ½ΔWᵀHΔW (output-mse: ‖JΔ‖²/Σ‖f‖², its full second-order change), its standard
     error over the draws, the first-order term ⟨∇δ, ΔW⟩ (0 for output-mse), all as relative deltas, and
     ``reached``: whether any backward pass reached the layer (not when the output does not depend on it,
-    or only through ``no_grad``/``detach``). Hooks and parameter flags are always restored."""
-    gen = torch.Generator().manual_seed(seed)
+    or only through ``no_grad``/``detach``). Hooks and parameter flags are always restored.
+
+    Each batch draws its cotangents from its own generator (seeded by ``seed`` and the batch's index), so
+    under torch.distributed every rank scores its share of the batches and the sums are all-reduced: the
+    scores of one process, to summation order, for 1/W of the backward passes each."""
+    from .distributed import all_reduce_scalars, is_distributed, shard
+
     chunk = [lay for lay in layers if lay.name in deltas]
     scores = {lay.name: _Scores(deltas[lay.name], draws) for lay in chunk}
     ref_total = 0.0
-    for batch in batches:
+    for i, batch in shard(list(enumerate(batches)), allow_empty=True):
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + i) % (1 << 63))
         ref_total += _score_batch(model, chunk, scores, batch, metric, device, draws, gen)
+    if is_distributed():
+        order = [scores[lay.name] for lay in chunk]
+        flat = all_reduce_scalars(ref_total, *(v for sc in order
+                                               for v in (*sc.curv.ravel(), *sc.first, float(sc.reached))))
+        ref_total, at = flat[0], 1
+        for sc in order:
+            n = sc.curv.size
+            sc.curv = np.asarray(flat[at:at + n]).reshape(sc.curv.shape)
+            sc.first = np.asarray(flat[at + n:at + n + sc.first.size])
+            sc.reached = flat[at + n + sc.first.size] > 0
+            at += n + sc.first.size + 1
     half = 0.5 if metric == "lm-loss" else 1.0  # output-mse: the squared distance is the quadratic itself
     scale = half / ref_total if ref_total > 0 else 0.0
     out = {}

@@ -117,8 +117,9 @@ def test_recommend_sensitivities_torchrun_match_single_process(tiny_dirs, small_
             assert pa["kind"] == pb["kind"]
             assert pb["distortion"] == pytest.approx(pa["distortion"], rel=1e-6)
             assert pb["delta"] == pytest.approx(pa["delta"], rel=1e-5, abs=1e-12), name
-    # the same plan; its per-layer shares agree to float rounding (the gradient sensitivities run on every
-    # rank, whose thread count differs from the single process's)
+    # the same plan; its per-layer shares agree to float rounding (each rank scores its share of the gradient
+    # sensitivities' windows, each window with its own seeded draws, and the sums are all-reduced: a missing
+    # or wrong reduction would move every sensitivity)
     assert b["layers"].keys() == a["layers"].keys()
     for name, la in a["layers"].items():
         lb = b["layers"][name]
