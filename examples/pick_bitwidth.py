@@ -42,6 +42,17 @@ def load_hf(path: str):
     return cls.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
 
 
+def parse_widths(ap: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--bits`` as a descending list of distinct widths in 2..8 (argparse's usage error otherwise)."""
+    try:
+        widths = {int(b) for b in text.split(",") if b.strip()}
+    except ValueError:
+        ap.error(f"--bits takes comma-separated integers in 2..8, got {text!r}")
+    if not widths or not all(2 <= b <= 8 for b in widths):
+        ap.error(f"--bits takes comma-separated integers in 2..8, got {text!r}")
+    return sorted(widths, reverse=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="Hugging Face model directory (default: all-MiniLM-L6-v2 or a trained Llama)")
@@ -52,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
     ap.add_argument("--workdir", default="specprune-example-bits", help="where generated text/models go")
     args = ap.parse_args(argv)
-    widths = sorted({int(b) for b in args.bits.split(",") if b.strip()}, reverse=True)
+    widths = parse_widths(ap, args.bits)
+    # checked before anything loads: a bad width used to surface as a traceback only after the analysis
+    # and the recommendation had run (minutes on a CPU)
+    if not (args.tolerance > 0 and args.tolerance != float("inf")):
+        ap.error(f"--tolerance must be a positive finite number (0.02 = 2%), got {args.tolerance}")
+    for opt, val in (("--samples", args.samples), ("--seq-len", args.seq_len)):
+        if val <= 0:
+            ap.error(f"{opt} must be positive, got {val}")
 
     import specprune
     from specprune.analysis import sampling_note, undersampled_note

@@ -452,7 +452,9 @@ def _layer_analysis(layer: TargetLayer, group: InputGroup, skipped: int, total_e
     seen = group.effective_tokens
     if seen < UNDERSAMPLED_PER_DIM * group.dim:
         flags.append(f"undersampled: {seen} tokens for {group.dim} input dimensions "
-                     f"({seen / max(group.dim, 1):.2g} per dimension): the fitted b is biased upward")
+                     f"({seen / max(group.dim, 1):.2g} per dimension): the fitted b is biased upward"
+                     + (f"; its covariance has rank ≤ {group.tokens}, so the fits stop there"
+                        if group.tokens < group.dim else ""))
     if group.sampling:
         flags.append(sampling_flag(group.sampling, group.eigenvalues, s["k_star"]))
     truncation = None

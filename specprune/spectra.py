@@ -857,19 +857,25 @@ class LayerSpectrum:
         if lam.shape != e.shape:
             raise InputError("eigenvalues and mode_energy differ in length")
         d = lam.size
+        # a Gram of N tokens has rank ≤ N: with fewer tokens than input dimensions the eigenvalues past the
+        # N-th are round-off of the solve (float32 for wide inputs: far above the float64 zero below) and
+        # their eigenvectors arbitrary, so the fits and the frontier stop at the rank
+        rank = min(d, int(tokens)) if int(tokens) > 0 else d
         zero = _numerical_zero(lam)
         usable = lam > zero
+        usable[rank:] = False
         if mode_gain is None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 q = np.where(usable, e / np.where(usable, lam, 1.0), np.nan)
         else:
             q = _to_numpy(mode_gain, "mode_gain").ravel()
         lam_fit = np.where(usable, lam, 0.0)
-        b_fit = fit_power_law(lam_fit)
+        b_fit = fit_power_law(lam_fit, *default_fit_range(rank))
         frontier = yield from frontier_steps(
-            lam, e, gain=q, beta_init=b_fit.exponent if b_fit.success else None, **(frontier_options or {})
+            lam if rank == d else lam_fit, e, gain=q, beta_init=b_fit.exponent if b_fit.success else None,
+            **(frontier_options or {})
         )
-        k_lo, k_hi = default_fit_range(d)
+        k_lo, k_hi = default_fit_range(rank)
         e_fit = np.where(usable, e, 0.0)
         if frontier.detected and frontier.k_star is not None:
             k_hi = min(k_hi, max(3, frontier.k_star // 2))

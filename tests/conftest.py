@@ -98,3 +98,18 @@ def one_error_line(stderr: str) -> str:
     assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{stderr}"
     assert lines[0].startswith(ERROR_PREFIX), lines[0]
     return lines[0][len(ERROR_PREFIX):]
+
+
+# the quick calibration options of the CLI tests
+FAST = ["--samples", "8", "--seq-len", "32", "--batch-size", "4"]
+
+
+def cli_run(*args) -> tuple[int, str, str]:
+    """``specprune ARGS`` in process: (exit code, stdout, stderr); a raised exception other than the exit fails."""
+    from typer.testing import CliRunner
+
+    from specprune.cli.app import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    return res.exit_code, res.stdout, res.stderr

@@ -28,7 +28,10 @@ def _step_of(path: str, index: int) -> int:
 def render_analysis(doc: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"{doc['model']['source']}  ·  {doc['calibration']['tokens']} tokens", show_lines=False)
+    cal = doc["calibration"]
+    # tensor data (no --seq-len) counts samples, not tokens: each layer's own token count is in the JSON
+    seen = f"{cal['tokens']} tokens" if cal.get("seq_len") else f"{cal['samples']} samples"
+    t = Table(title=f"{doc['model']['source']}  ·  {seen}", show_lines=False)
     for col in ("layer", "type", "d_in", "d_out", "b", "a", "k*", "k_max", "r*", "eff. rank"):
         t.add_column(col, justify="left" if col in ("layer", "type") else "right", no_wrap=col == "layer")
 
@@ -117,20 +120,33 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
         from ..probe import check_sample
 
         check_sample(scale["token_sample"], "--token-sample")
-    results = []
+    for m in models:  # a series' missing checkpoint is refused before the ones ahead of it are analysed
+        if not Path(m).exists():
+            raise InputError(f"model not found: {m}")
+    results, warnings = [], []  # warned once every model is analysed: a refused input stays one error line
     for i, m in enumerate(models):
         loaded = load_model(m, arch=arch, trust_remote_code=trust, device_map=device_map)
         batches = load_data(data, loaded.tokenizer, samples=samples, seq_len=seq_len, batch_size=batch_size,
                             seed=seed)
         ctx.info(f"analysing {m}: {batches.samples} windows, {batches.tokens} tokens")
+        # in a series the warnings of each checkpoint must say which one they are about (json mode shows no
+        # "analysing" line between them)
+        who = f"{m}: " if len(models) > 1 else ""
         res = analyze(loaded.model, batches, include=include, exclude=exclude, device=device, source=loaded.source,
                       log=ctx.info, **scale)
         results.append((m, res))
+        if batches.samples < samples:
+            unit = "windows" if batches.seq_len else "samples"
+            warnings.append(f"{who}--samples {samples} asked for more {unit} than the data's calibration share "
+                            f"holds ({batches.samples}; a quarter is kept apart for evaluation): analysed "
+                            f"{batches.samples}")
         if (sampled := sampling_note(res)) is not None:
             ctx.info(sampled)
         note = undersampled_note(res)
         if note:
-            ctx.warn(note)
+            warnings.append(who + note)
+    for w in warnings:
+        ctx.warn(w)
     docs = [r.to_dict() for _, r in results]
     from ..distributed import is_main
 

@@ -227,8 +227,8 @@ def quantize_cmd(
     out: OutOpt,
     bits: Annotated[Optional[int], typer.Option("--bits", help="Integer width 2..8 for every targeted layer.")] = None,
     plan: PlanOpt = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Columns per scale "
-                                                      "(default: one scale per output channel).")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Columns per scale (0 or default: one "
+                                                      "scale per output channel, as for recommend).")] = None,
     backend: BackendOpt = "fake",
     include: IncludeOpt = None, exclude: ExcludeOpt = None, arch: ArchOpt = None,
     trust_remote_code: TrustOpt = False, export: ExportOpt = None, ignore_fingerprint: IgnoreFpOpt = False,
@@ -247,8 +247,9 @@ def quantize_cmd(
     else:
         if not 2 <= bits <= 8:
             raise InputError(f"--bits must be in 2..8, got {bits}")
-        if group_size is not None and group_size <= 0:
-            raise InputError(f"--group-size must be positive, got {group_size}")
+        if group_size is not None and group_size < 0:
+            raise InputError(f"--group-size must be ≥ 0 (0: one scale per output channel), got {group_size}")
+        group_size = group_size or None  # 0 means per channel, as in recommend's --group-size
         p = _uniform_builder(include, exclude, bits=bits, group_size=group_size)
     q = quantizer_for_backend(backend)
     apply_and_save(model, p, out, arch=arch, trust=trust_remote_code, data=None, analysis_dir=None, samples=128,

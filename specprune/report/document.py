@@ -438,7 +438,10 @@ class _Builder:
                  ("architecture", str(a.model.get("architecture", "–"))),
                  ("parameters", f"{a.model.get('num_parameters', 0):,}"),
                  ("calibration", f"{cal.get('tokens', '?'):,} tokens in {cal.get('samples', '?')} windows of "
-                                 f"{cal.get('seq_len') or '–'} tokens (seed {cal.get('seed', '–')})"
+                                 f"{cal.get('seq_len')} tokens (seed {cal.get('seed', '–')})"
+                  if isinstance(cal.get("tokens"), int) and cal.get("seq_len") else
+                  f"{cal.get('samples', '?')} samples of tensor data (seed {cal.get('seed', '–')}); each layer's "
+                  "tokens (positions × groups for a convolution) are in analysis.json"
                   if isinstance(cal.get("tokens"), int) else json.dumps(cal)),
                  ("layers", str(len(a.layers)))])
         views = F.layer_views(a)
@@ -454,7 +457,7 @@ class _Builder:
             f"r* = 1 − k*/k_max the share of modes beyond it. {len(fronts)} of {len(views)} layers show a frontier"
             + ("." if not rs else f"; its r* is {rs[0]:.0%}." if len(rs) == 1 else
                f"; their r* is {rs[0]:.0%} for all of them." if f"{rs[0]:.0%}" == f"{rs[-1]:.0%}" else
-               f"; their r* ranges from {rs[0]:.0%} to {rs[-1]:.0%} (median {rs[len(rs) // 2]:.0%})."))
+               f"; their r* ranges from {rs[0]:.0%} to {rs[-1]:.0%} (median {statistics.median(rs):.0%})."))
         rows = [[v.name, v.type, v.d_in, v.d_out, _f(v.b, ".2f"), _f(v.a, ".2f"),
                  "none" if v.k_star is None else v.k_star, v.k_max, _f(v.r_star, ".0%")] for v in views]
         d.table(["layer", "type", "d_in", "d_out", "b", "a", "k*", "k_max", "r*"], rows)

@@ -692,10 +692,18 @@ def series_figure(series: Sequence[dict]) -> Figure:
             anchor = float(np.log(ks[ok][-1]) - expo * lx[-1])
             ax.plot(xs, np.exp(anchor + expo * lx), "--", color=RED, lw=1.3, gid="theory",
                     label=f"theory (NTK): k* ∝ t^(1/b) = t^{expo:.2f}")
-    else:
+    elif np.any(np.isfinite(ks)):
         ax.text(0.03, 0.9, "too few checkpoints with a frontier for a slope", transform=ax.transAxes,
                 fontsize=8, color=RED)
+    else:
+        # nothing to plot: without this the panel autoscales to an empty 1..10 by -0.05..0.05 frame that
+        # reads as data; give it the other panels' steps and say why it is empty
+        ax.set_xlim(axes[1].get_xlim())
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no layer shows a frontier\nin any checkpoint", transform=ax.transAxes, ha="center",
+                va="center", fontsize=9, color=RED)
     for a_ in axes:
-        a_.legend(fontsize=7)
+        if any(len(line.get_xdata()) for line in a_.get_lines()):
+            a_.legend(fontsize=7)
     fig.suptitle(f"Training series: {len(entries)} checkpoints", fontsize=11)
     return fig

@@ -574,7 +574,7 @@ OUT_OF_RANGE = [
       for c in ("analyze", "recommend", "compress", "evaluate", "prune", "apply") for s in ("0", "-8")],
     *[(c, ["--samples", "0"], "--samples must be positive, got 0") for c in ("analyze", "evaluate", "compress")],
     *[(c, ["--batch-size", "0"], "--batch-size must be positive, got 0") for c in ("analyze", "recommend")],
-    ("quantize", ["--group-size", "0"], "--group-size must be positive, got 0"),
+    ("quantize", ["--group-size", "-1"], "--group-size must be ≥ 0 (0: one scale per output channel), got -1"),
     ("recommend", ["--group-size", "-1"], "--group-size must be ≥ 0, got -1"),
     ("analyze", ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:i, got 'tpu'"),
     *[("analyze", ["--token-sample", v], f"--token-sample must be a fraction in [1e-06, 1], got {float(v)!r}")

@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tree_hash
-from typer.testing import CliRunner
+from conftest import FAST, cli_run, tree_hash
 
-from specprune.cli.app import app
 from specprune.compress.prune import FactorizedLinear, can_factorize
 
-FAST = ["--samples", "8", "--seq-len", "32", "--batch-size", "4"]
-
-
-def run(*args) -> tuple[int, str, str]:
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return res.exit_code, res.stdout, res.stderr
+run = cli_run
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import one_error_line, tree_hash
-from typer.testing import CliRunner
+import torch
+from conftest import FAST, cli_run, one_error_line, tree_hash
 
-from specprune.cli.app import app
-
-FAST = ["--samples", "8", "--seq-len", "32", "--batch-size", "4"]
 GPT2_LAYERS = [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
                                                                    "mlp.c_proj")]
 
 
-def run(*args) -> tuple[int, str, str]:
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return res.exit_code, res.stdout, res.stderr
+run = cli_run
 
 
 def write_plan(path: Path, *, method=None, rank=None, bits=None) -> Path:
@@ -129,3 +123,15 @@ def test_evaluate_drops_the_prediction_of_a_plan_edited_after_it(tiny_dirs, text
     res = json.loads(out)
     assert res["predicted_delta"] is None
     assert "edited after recommend predicted" in res["prediction_note"]
+
+
+def test_quantize_group_size_zero_means_per_channel_as_in_recommend(tiny_dirs, tmp_path):
+    a, b = tmp_path / "zero", tmp_path / "default"
+    assert run("quantize", tiny_dirs["gpt2"], "--bits", "4", "--group-size", "0", "--out", a, "--quiet")[0] == 0
+    assert run("quantize", tiny_dirs["gpt2"], "--bits", "4", "--out", b, "--quiet")[0] == 0
+    pa, pb = (json.loads((d / "plan.json").read_text())["layers"] for d in (a, b))
+    assert pa == pb and all(lp["group_size"] is None for lp in pa.values())
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -470,3 +470,21 @@ def test_random_orthogonal_is_orthogonal():
     np.testing.assert_allclose(q.T @ q, np.eye(20), atol=1e-12)
     m = random_orthogonal(30, np.random.default_rng(0), cols=10)
     np.testing.assert_allclose(m.T @ m, np.eye(10), atol=1e-12)
+
+
+def test_fits_stop_at_the_rank_of_an_undersampled_covariance():
+    """N tokens for d > N input dimensions: the eigenvalues past the N-th are round-off of a float32 solve. The
+    fits stop at the rank (b near the visible spectrum's, biased upward by undersampling only), where fitting
+    into the round-off gave b ≈ 7 for a true 1.5 (QA 10, MiniLM's pooler and output.dense at 1,024 tokens)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    d, n, b = 256, 128, 1.5
+    x = rng.standard_normal((n, d)) * np.arange(1, d + 1) ** (-b / 2)
+    ev, u = torch.linalg.eigh(torch.tensor(x.T @ x / n, dtype=torch.float32))
+    lam, u = ev.flip(0).double().clamp_min(0).numpy(), u.flip(1).double().numpy()
+    gain = ((rng.standard_normal((64, d)) @ u) ** 2).sum(0)
+    capped = LayerSpectrum.from_eigen(lam, lam * gain, tokens=n, d_out=64, mode_gain=gain)
+    assert capped.b_fit.k_hi <= n and 1.4 < capped.b < 2.2
+    uncapped = LayerSpectrum.from_eigen(lam, lam * gain, tokens=10 * d, d_out=64, mode_gain=gain)
+    assert uncapped.b > 4  # the same spectrum fitted past its rank: what the cap prevents
