@@ -404,9 +404,12 @@ def undersampled_note(analysis: "Analysis") -> str | None:
         return g.effective_tokens if g is not None else lay.tokens
 
     worst = min(low, key=lambda lay: seen(lay) / max(lay.d_in, 1))
+    # --seq-len adds tokens only to text windows (tensor data has none), and only to layers that read every
+    # position (a pooler reads one per window): more windows help every layer
+    how = "--samples, --seq-len" if analysis.calibration.get("seq_len") else "--samples"
     return (f"{len(low)} layer(s) saw fewer than {UNDERSAMPLED_PER_DIM} calibration tokens per input dimension (e.g. "
             f"{worst.name}: {seen(worst)} for {worst.d_in}): their fitted exponents come out steeper than the "
-            "spectrum's (b +10% at 2 per dimension); calibrate on more tokens (--samples, --seq-len)")
+            f"spectrum's (b +10% at 2 per dimension); calibrate on more tokens ({how})")
 
 
 def _worst_sampling_se(sampling: dict, eigenvalues: np.ndarray, k_star: int | None) -> tuple[int, float]:

@@ -109,3 +109,12 @@ def test_analysis_repr_is_one_short_line():
     assert "\n" not in text and len(text) < 200
     assert text.startswith("Analysis('mlp': 2 layers in 2 input groups, 64 tokens")
     assert "array" not in repr(next(iter(res.groups.values())))
+
+
+def test_the_undersampled_hint_names_only_options_that_add_tokens():
+    from specprune.analysis import analyze, undersampled_note
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 8))
+    note = undersampled_note(analyze(model, [torch.randn(40, 32)]))  # tensor data: no windows of tokens
+    assert note is not None and note.endswith("calibrate on more tokens (--samples)")
