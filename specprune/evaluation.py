@@ -300,6 +300,8 @@ class Evaluation:
     def from_dict(cls, doc: dict, where: str = "evaluation") -> Evaluation:
         """The inverse of :meth:`to_dict` (fields beyond the contract's go back to ``extra``), each field
         checked: one line naming the first that is wrong."""
+        from .plan import _finite_number
+
         if not isinstance(doc, dict):
             raise InputError(f"{where} is not a JSON object")
         if not isinstance(doc.get("metric"), str):
@@ -310,7 +312,7 @@ class Evaluation:
             if v is None and key == "predicted_delta":
                 nums[key] = None
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if not _finite_number(v):
                 raise InputError(f"{where}: {key!r} must be a finite number, got {v!r}")
             nums[key] = float(v)
         for key in ("plan", "output"):

@@ -352,6 +352,12 @@ def fingerprint(model: nn.Module) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+def other_weights(recorded: str | None, model: nn.Module) -> bool:
+    """True when a fingerprint was recorded (for a plan or an analysis) and ``model``'s weights are not those;
+    False when none was recorded (nothing to compare with)."""
+    return bool(recorded) and recorded != fingerprint(model)
+
+
 def resolve_device(spec: str | None) -> torch.device:
     """``auto`` → cuda when available, else cpu; ``cuda:i`` is checked to exist."""
     spec = "auto" if spec is None else spec.strip().lower()

@@ -16,7 +16,7 @@ from .data import Batches, load_data
 from .errors import InputError, ToleranceExceeded
 from .evaluation import Evaluator
 from .layers import select_layers
-from .models import LoadedModel, fingerprint, load_model
+from .models import LoadedModel, load_model, other_weights
 
 
 MIN_VERIFY_WINDOWS = 8  # fewer windows beyond the calibration sample: the recommender verifies in-sample
@@ -78,8 +78,7 @@ def source_model(analysis: Analysis, what: str = "the analysis", arch=None, trus
     if not src or not Path(src).exists():
         raise InputError(f"{what} names source model {src!r}, which is not found: pass the model")
     loaded = load_model(src, arch=arch, trust_remote_code=trust)
-    made_for = analysis.model.get("fingerprint")
-    if made_for and made_for != fingerprint(loaded.model):
+    if other_weights(analysis.model.get("fingerprint"), loaded.model):
         raise InputError(f"{what} was made for other weights than those now at {src} "
                          "(fingerprints differ); re-run specprune analyze on the model")
     return loaded

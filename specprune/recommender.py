@@ -348,7 +348,7 @@ class Recommender:
                  prune_method: str = "whitened", sensitivity_samples: int | None = None,
                  verify_samples: int | None = None,
                  source: str | None = None, sensitivity: str = "auto", seed: int = 0, verify_data=None):
-        from .data import Batches, from_iterable
+        from .data import Batches, check_seed, from_iterable
         from .evaluation import Evaluator, resolve_metric
 
         t0 = time.perf_counter()
@@ -361,8 +361,7 @@ class Recommender:
         for what, n in (("sensitivity_samples", sensitivity_samples), ("verify_samples", verify_samples)):
             if n is not None and (not _is_int(n) or n < 1):
                 raise InputError(f"{what} must be a positive integer or None, got {n!r}")
-        if not _is_int(seed):
-            raise InputError(f"--seed must be an integer, got {seed!r}")
+        check_seed(seed)
         if prune_method not in ("whitened", "spectral"):
             raise InputError(f"prune method must be whitened or spectral, got {prune_method!r}")
         check_sensitivity_mode(sensitivity)

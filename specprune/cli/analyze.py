@@ -10,7 +10,7 @@ import typer
 
 from .common import (ArchOpt, BatchSizeOpt, Ctx, DataOpt, DebugOpt, DeviceOpt, ExcludeOpt, FormatOpt,
                      IncludeOpt, OutputFormat, OverwriteOpt, QuietOpt, SamplesOpt, SeedOpt, SeqLenOpt,
-                     TrustOpt, check_early, command, console)
+                     TrustOpt, check_early, command, console, existing_path)
 
 EPILOG = """Examples:
 
@@ -121,8 +121,7 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
 
         check_sample(scale["token_sample"], "--token-sample")
     for m in models:  # a series' missing checkpoint is refused before the ones ahead of it are analysed
-        if not Path(m).exists():
-            raise InputError(f"model not found: {m}")
+        existing_path(m, "model")
     results, warnings = [], []  # warned once every model is analysed: a refused input stays one error line
     for i, m in enumerate(models):
         loaded = load_model(m, arch=arch, trust_remote_code=trust, device_map=device_map)

@@ -176,10 +176,9 @@ def _other_reference(ref_model, plan, reference: str) -> str | None:
     """A note when --reference has other weights than the model the plan was made for (its fingerprint):
     the delta is then measured against another model, not against the uncompressed source, and the
     plan's prediction is no forecast of it."""
-    from ..models import fingerprint
+    from ..models import other_weights
 
-    made_for = plan.model.get("fingerprint")
-    if not made_for or made_for == fingerprint(ref_model):
+    if not other_weights(plan.model.get("fingerprint"), ref_model):
         return None
     return (f"--reference {reference} has other weights than the model the plan was made for (fingerprints "
             "differ): the measured delta is against another model than the uncompressed source, and the "
@@ -192,7 +191,7 @@ def _load_recorded(source: Path, model: str, arch):
     non-Hugging Face source. A source whose weights differ from those the plan was made for (its
     fingerprint) is not used."""
     from ..errors import SpecpruneError
-    from ..models import fingerprint, load_model
+    from ..models import load_model, other_weights
     from ..plan import Plan
 
     recorded = f"the source model {source} recorded in {Path(model) / 'specprune.json'}"
@@ -205,7 +204,7 @@ def _load_recorded(source: Path, model: str, arch):
         made_for = Plan.load(plan_file).model.get("fingerprint") if plan_file.is_file() else None
     except SpecpruneError:
         made_for = None
-    if made_for and made_for != fingerprint(ref.model):
+    if other_weights(made_for, ref.model):
         return None, f"{recorded} has other weights than the model was compressed from (fingerprints differ)"
     return ref, None
 
