@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -312,18 +312,29 @@ def test_prune_rate(tmp_path_factory, llama, rate):
 
 @CLI
 @given(bits=_opt(st.integers(-2, 12)), group=st.one_of(st.none(), st.integers(-4, 200)))
+@example(bits="0.0", group=None).via("found by CI")  # an integral float: read as 0, refused as out of range
+@example(bits="4", group=0)  # --group-size 0 is one scale per output channel, as for recommend
 def test_quantize_options(tmp_path_factory, llama, bits, group):
     out = tmp_path_factory.mktemp("quant") / "out"
     args = ["quantize", llama, "--bits", bits, "--include", "model.layers.0.mlp.down_proj", "--out", out, "--quiet"]
     if group is not None:
         args += ["--group-size", group]
     res = _invoke(args)
+    invalid = res.exit_code == 1 and res.stderr.startswith("specprune: error: invalid value for '--bits'")
     try:
         b = int(bits)
-    except ValueError:  # not an integer: a bad value (exit 1, one line), not a usage error
-        assert res.exit_code == 1 and res.stderr.startswith("specprune: error: invalid value for '--bits'")
-        return
-    ok = 2 <= b <= 8 and (group is None or group > 0)
+    except ValueError:
+        try:
+            f = float(bits)
+        except ValueError:
+            f = math.nan
+        if not (math.isfinite(f) and f.is_integer()):  # not an integer: a bad value (exit 1, one line)
+            assert invalid, res.stderr
+            return
+        if invalid:  # an integral float as text ("4.", "4e0"): refused as not an integer, one line
+            return
+        b = int(f)  # the option reads "2.0" as 2
+    ok = 2 <= b <= 8 and (group is None or group >= 0)  # --group-size 0: one scale per channel
     assert (res.exit_code == 0) == ok, res.stderr
     assert (out / "specprune.json").exists() == ok
 
