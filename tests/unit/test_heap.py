@@ -35,14 +35,18 @@ def test_cli_process_defers_full_collections_until_a_model_is_loaded(fresh_heap,
     assert heap.enabled()
     assert gc.get_threshold()[:2] == fresh_heap[:2] and gc.get_threshold()[2] > 10**6
     gc.collect(0)  # young collections still run
+    freezes = []
+    real_freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freezes.append(1), real_freeze())[1])
     load_model(nn.Linear(3, 2))  # settles: what is alive now is frozen, the thresholds are back
-    assert gc.get_freeze_count() > 0 and gc.get_threshold() == fresh_heap
-    frozen = gc.get_freeze_count()
+    assert freezes == [1] and gc.get_freeze_count() > 0 and gc.get_threshold() == fresh_heap
     garbage = [[]]
     garbage[0].append(garbage)  # a cycle made after the freeze is still collected
     del garbage
-    load_model(nn.Linear(3, 2))  # a second load freezes nothing more
-    assert gc.get_freeze_count() == frozen and gc.collect() >= 1
+    # a second load freezes nothing more (frozen objects may still be freed by reference counting, so
+    # the freeze count itself can drop: CI once saw it fall by 2 between the two loads)
+    load_model(nn.Linear(3, 2))
+    assert freezes == [1] and gc.collect() >= 1
 
 
 @pytest.mark.parametrize("value", ["0", "off", "false"])
