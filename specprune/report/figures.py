@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .labels import curve_obstacle, merge_close, place_labels
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -61,6 +63,9 @@ __all__ = [
 ]
 
 BLUE, ORANGE, RED, GREEN, GREY = "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c", "0.55"
+# a phase label sits above right of the falling curve first (the curve is lower there), else below left
+PHASE_OFFSETS = ((4, 6, "left", "bottom"), (-4, -6, "right", "top"), (0, 14, "center", "bottom"),
+                 (0, -14, "center", "top"), (10, 18, "left", "bottom"), (-10, -18, "right", "top"))
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -418,13 +423,6 @@ def pruning_curve_figure(analysis: Any, plan: Any = None, sweep: Any = None, ax:
     else:
         plateau = d <= 0.01 * d_sat
     powerlaw = ~plateau & ~saturation
-    for mask, name in ((plateau, "plateau"), (powerlaw, "power law"), (saturation, "saturation")):
-        if mask.any():
-            xs = f[mask]
-            xc = float(np.sqrt(xs.min() * xs.max()))
-            yc = float(np.interp(np.log(xc), np.log(f), 1.0 + d))
-            ax.annotate(name, (xc, yc), xytext=(0, 10), textcoords="offset points", ha="center", fontsize=8,
-                        color="0.25", gid="phase")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("kept input modes k / k_max (every layer)")
@@ -432,6 +430,20 @@ def pruning_curve_figure(analysis: Any, plan: Any = None, sweep: Any = None, ax:
     ax.set_title("Pruning curve: keeping the top-k modes of every layer", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(True, which="both", alpha=0.2)
+    phases = []
+    for mask, name in ((plateau, "plateau"), (powerlaw, "power law"), (saturation, "saturation")):
+        if mask.any():
+            xs = f[mask]
+            xc = float(np.sqrt(xs.min() * xs.max()))
+            phases.append((xc, float(np.interp(np.log(xc), np.log(f), 1.0 + d)), name))
+    if phases:  # beside the curve, clear of it, of the measured points and of the legend
+        keep = np.isfinite(d) & (f > 0)
+        obstacles = [curve_obstacle(ax, f[keep], 1.0 + d[keep])]
+        if pts:
+            obstacles.append(ax.transData.transform(np.column_stack([x, 1.0 + np.clip(y, 0, None)])))
+        for ann in place_labels(ax, phases, obstacles=np.concatenate(obstacles), offsets=PHASE_OFFSETS,
+                                fontsize=8, color="0.25"):
+            ann.set_gid("phase")
     return fig
 
 
@@ -529,8 +541,6 @@ def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None)
                     fmt=marker, color=color, ms=size, mec="k", capsize=2, gid="measured",
                     label=None if lab in seen else lab)
         seen.add(lab)
-        ax.annotate(str(p.get("label", "")), (p["predicted"], p["measured"]), xytext=(5, -9),
-                    textcoords="offset points", fontsize=7, color="0.3")
     vals = [p["predicted"] for p in good] + [p["measured"] for p in good]
     lo, hi = min(vals) / 2.0, max(vals) * 2.0
     ax.plot([lo, hi], [lo, hi], "--", color="0.4", lw=1, gid="identity", label="measured = predicted")
@@ -543,6 +553,14 @@ def predicted_vs_measured_figure(points: Sequence[dict], ax: Axes | None = None)
     ax.set_title(f"Predicted vs measured: {inside} of {len(good)} agree within the stated uncertainty",
                  fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
+    # labels last, once the axes are final: coincident points share one, none overlaps another or a marker
+    xy = [(p["predicted"], p["measured"], str(p.get("label", ""))) for p in good]
+    obstacles = [ax.transData.transform(np.array([(x, y) for x, y, _ in xy]))]
+    for p in good:  # the horizontal error bars
+        u = float(p.get("uncertainty") or 0.0)
+        xs = np.array([max(p["predicted"] - u, p["predicted"] * 1e-3), p["predicted"] + u])
+        obstacles.append(curve_obstacle(ax, xs, np.full(2, p["measured"])))
+    place_labels(ax, merge_close(ax, xy), obstacles=np.concatenate(obstacles), fontsize=7, color="0.3")
     ax.grid(True, which="both", alpha=0.2)
     return fig
 

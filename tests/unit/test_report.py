@@ -315,6 +315,32 @@ def test_predicted_vs_measured_figure():
     assert "2 of 2 agree within" in predicted_vs_measured_figure(noisy).axes[0].get_title()
 
 
+def test_point_labels_never_overlap_and_coincident_points_share_one():
+    """The demo's crowded case: the plan lands on a uniform setting's point, and neighbours crowd the
+    diagonal; every label is drawn once, no two label boxes overlap, none covers a marker."""
+    from specprune.report.figures import predicted_vs_measured_figure
+
+    pts = [{"label": "plan", "kind": "plan", "predicted": 0.0135, "uncertainty": 0.003, "measured": 0.0142},
+           {"label": "int6", "kind": "bits", "predicted": 0.0136, "uncertainty": 0.004, "measured": 0.0141}]
+    pts += [{"label": f"keep {k}% of modes", "kind": "rank", "predicted": p, "uncertainty": 0.3 * p,
+             "measured": m} for k, p, m in ((90, 0.05, 0.048), (75, 0.15, 0.14), (50, 0.42, 0.34), (25, 1.05, 0.7))]
+    pts += [{"label": f"int{b}", "kind": "bits", "predicted": p, "uncertainty": 0.3 * p, "measured": m}
+            for b, p, m in ((8, 0.0012, 0.0011), (4, 0.19, 0.22), (3, 0.95, 1.15))]
+    fig = predicted_vs_measured_figure(pts)
+    ax = fig.axes[0]
+    labels = _gid(ax, "label")
+    assert sorted(t.get_text() for t in labels) == sorted(
+        ["plan, int6"] + [p["label"] for p in pts[2:]])
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in labels]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    markers = ax.transData.transform([(p["predicted"], p["measured"]) for p in pts])
+    assert all(b.count_contains(markers) == 0 for b in boxes)
+    legend = ax.get_legend().get_window_extent(r)
+    assert not any(b.overlaps(legend) for b in boxes)
+
+
 def test_within_counts_the_measurement_noise():
     from specprune.report.document import within
 
