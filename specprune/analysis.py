@@ -384,7 +384,7 @@ def summarize_layers(items: Sequence[tuple[TargetLayer, InputGroup, int, float |
             gains.append(_mode_gains(layer.weight_matrix().detach(), u))
     specs = LayerSpectrum.from_eigen_many([
         {"eigenvalues": group.eigenvalues, "mode_energy": group.eigenvalues * gain, "tokens": group.tokens,
-         "d_out": layer.d_out, "mode_gain": gain} for (layer, group, *_), (gain, _) in zip(items, gains)])
+         "kept_tokens": group.effective_tokens, "d_out": layer.d_out, "mode_gain": gain} for (layer, group, *_), (gain, _) in zip(items, gains)])
     return [_layer_analysis(*item, gain, w_sq, spec) for item, (gain, w_sq), spec in zip(items, gains, specs)]
 
 
@@ -456,8 +456,8 @@ def _layer_analysis(layer: TargetLayer, group: InputGroup, skipped: int, total_e
     if seen < UNDERSAMPLED_PER_DIM * group.dim:
         flags.append(f"undersampled: {seen} tokens for {group.dim} input dimensions "
                      f"({seen / max(group.dim, 1):.2g} per dimension): the fitted b is biased upward"
-                     + (f"; its covariance has rank ≤ {group.tokens}, so the fits stop there"
-                        if group.tokens < group.dim else ""))
+                     + (f"; its covariance has rank ≤ {seen}, so the fits stop there"
+                        if seen < group.dim else ""))
     if group.sampling:
         flags.append(sampling_flag(group.sampling, group.eigenvalues, s["k_star"]))
     truncation = None

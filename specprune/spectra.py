@@ -844,6 +844,7 @@ class LayerSpectrum:
         mode_gain: Any = None,
         eigenvectors: Any = None,
         frontier_options: dict[str, Any] | None = None,
+        kept_tokens: int | None = None,
     ) -> Generator[list[Problem], Any, LayerSpectrum]:
         """Build from (saved) eigenvalues and mode energies, recomputing every fit; a step generator
         (:func:`run_steps`) that yields the frontier's screening problems.
@@ -852,7 +853,8 @@ class LayerSpectrum:
         the clearly learned modes, the default range cut at ``k*/2`` (there ``g = 2^b`` and the mode is
         ≥ 88% learned for b ≥ 1.5; at k* itself only 40% of the energy is in place, which would bias a
         upward), starting at k = 1 when that leaves fewer than 3 modes; the default range when no
-        frontier is detected.
+        frontier is detected. ``kept_tokens``: how many of the ``tokens`` entered the Gram (token
+        sampling keeps fewer); the rank, and so the fits, stop at it.
         """
         lam = _to_numpy(eigenvalues, "eigenvalues").ravel()
         e = _to_numpy(mode_energy, "mode_energy").ravel()
@@ -862,7 +864,8 @@ class LayerSpectrum:
         # a Gram of N tokens has rank ≤ N: with fewer tokens than input dimensions the eigenvalues past the
         # N-th are round-off of the solve (float32 for wide inputs: far above the float64 zero below) and
         # their eigenvectors arbitrary, so the fits and the frontier stop at the rank
-        rank = min(d, int(tokens)) if int(tokens) > 0 else d
+        rows = int(tokens) if kept_tokens is None else min(int(tokens), int(kept_tokens))
+        rank = min(d, rows) if rows > 0 else d
         zero = _numerical_zero(lam)
         usable = lam > zero
         usable[rank:] = False

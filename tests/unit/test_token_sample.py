@@ -154,6 +154,20 @@ def test_sampling_counts_kept_tokens_for_the_undersampled_flag():
     assert sampling_note(analyze(model, batches)) is None
 
 
+def test_fits_stop_at_the_rank_of_the_kept_tokens():
+    """Sampling keeps fewer rows than the 1024-wide input has dimensions: the Gram's rank is the kept
+    count, and the fits, the frontier and the undersampled flag stop there, not at the tokens seen."""
+    torch.manual_seed(3)
+    batches = [torch.randn(1024, 48) for _ in range(2)]  # 2048 tokens seen, ≈ 410 kept at 0.2
+    sampled = analyze(WideMLP(), batches, token_sample=0.2)
+    group, lay = sampled.groups["down"], sampled.layer("down")
+    kept = group.effective_tokens
+    assert kept < group.dim < group.tokens
+    assert lay.fit["b"]["k_hi"] <= kept and lay.fit["a"]["k_hi"] <= kept
+    assert lay.fit["frontier"]["n_modes"] <= kept
+    assert any(f"rank ≤ {kept}, so the fits stop there" in f for f in lay.flags), lay.flags
+
+
 def test_analyze_refuses_a_bad_fraction_before_any_work():
     with pytest.raises(InputError, match="token_sample must be a fraction"):
         analyze(WideMLP(), [torch.randn(8, 48)], token_sample=2)
