@@ -102,23 +102,41 @@ class ConvAdapter:
             module.weight.copy_(w.to(module.weight.dtype).reshape(module.weight.shape))
 
     def features(self, module, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(module, nn.Conv1d):
+        """The patches the convolution multiplies, one row per output position (and group). Unbatched input
+        ((C, L) or (C, H, W), which the convolution accepts) is one sample; ``padding='valid'`` is no padding,
+        ``'same'`` PyTorch's split of d·(k−1) per side (the odd one on the right)."""
+        one_d = isinstance(module, nn.Conv1d)
+        if x.dim() == (2 if one_d else 3):
+            x = x.unsqueeze(0)
+        if one_d:
             x = x.unsqueeze(2)
-            k, s, p, d = (1, module.kernel_size[0]), (1, module.stride[0]), module.padding, (1, module.dilation[0])
-            if isinstance(p, str):
-                raise InputError(f"padding={p!r} convolutions are not supported")
-            p = (0, p[0])
+            k, s, d = (1, module.kernel_size[0]), (1, module.stride[0]), (1, module.dilation[0])
         else:
-            k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
-            if isinstance(p, str):
-                raise InputError(f"padding={p!r} convolutions are not supported")
+            k, s, d = module.kernel_size, module.stride, module.dilation
         if module.padding_mode != "zeros":
             raise InputError(f"padding_mode={module.padding_mode!r} convolutions are not supported")
+        sides = _conv_padding(module.padding, k, d, one_d)
+        if all(lo == hi for lo, hi in sides):
+            p = tuple(lo for lo, _ in sides)
+        else:  # 'same' with an even span: unfold pads symmetrically, so pad first (last dimension first)
+            x = F.pad(x, [v for lo_hi in reversed(sides) for v in lo_hi])
+            p = (0, 0)
         cols = F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s)  # (B, C*kk, L)
         g = module.groups
         bsz, ckk, length = cols.shape
         cols = cols.reshape(bsz, g, ckk // g, length).permute(0, 1, 3, 2)
         return cols.reshape(-1, ckk // g)
+
+
+def _conv_padding(padding, kernel: tuple, dilation: tuple, one_d: bool) -> list[tuple[int, int]]:
+    """(before, after) zero padding per spatial dimension of the 2-D view (a Conv1d's height is 1)."""
+    if padding == "valid":
+        return [(0, 0), (0, 0)]
+    if padding == "same":
+        spans = [dl * (kk - 1) for kk, dl in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in spans]
+    pads = (0, padding[0]) if one_d else tuple(padding)
+    return [(int(v), int(v)) for v in pads]
 
 
 _BUILTIN = (HFConv1DAdapter(), LinearAdapter(), ConvAdapter())
@@ -229,6 +247,14 @@ def tied_head_names(model: nn.Module) -> set[str]:
             if isinstance(m, nn.Linear) and m.weight.data_ptr() in emb_ptrs}
 
 
+def functional_layer_names(model: nn.Module) -> set[str]:
+    """Names of supported layers that their parent applies through their weights, never by calling them,
+    so no hook sees their input: ``nn.MultiheadAttention.out_proj`` (``F.multi_head_attention_forward`` reads
+    its weight; the stock ``nn.Transformer*`` layers hold one each). They are never targets."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Linear)}
+
+
 def _patterns(patterns, what: str) -> list[str]:
     """``include``/``exclude`` as a list of strings: one string is one pattern (not its characters)."""
     if patterns is None:
@@ -254,10 +280,11 @@ def select_layers(model: nn.Module, include: Sequence[str] | None = None,
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
     tied = tied_head_names(model)
+    functional = functional_layer_names(model)
     adapter_list = adapters()
     out = []
     for name, module in model.named_modules():
-        if not name:
+        if not name or name in functional:
             continue
         a = adapter_for(module, adapter_list)
         if a is None:
@@ -272,7 +299,10 @@ def select_layers(model: nn.Module, include: Sequence[str] | None = None,
         out.append(TargetLayer(name, module, a))
     for p in include:
         if not any(pattern_matches(p, t.name) for t in out):
-            raise InputError(f"--include {p!r} matches no supported layer")
+            hidden = sorted(n for n in functional if pattern_matches(p, n))
+            raise InputError(f"--include {p!r} matches no supported layer" + (
+                f" ({hidden[0]} is nn.MultiheadAttention's out_proj, which it applies through its weight: "
+                "no hook sees its input)" if hidden else ""))
     if not out:
         raise InputError("the model has no supported layers to analyse (Linear, Conv1D, Conv1d/2d)"
                          + (" after --include/--exclude" if include or exclude else ""))

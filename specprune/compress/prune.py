@@ -209,6 +209,27 @@ class Factorized(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense W_k = A B in the replaced layer's layout (Linear (d_out, d_in), HF Conv1D (d_in, d_out),
+        Conv (C_out, C_in, *kernel)) and the factors' dtype, for model code that reads a layer's ``weight``:
+        HF ViT reads its patch projection's dtype, ``nn.TransformerEncoderLayer`` hands its linears' weights
+        to its fused inference path. Formed from the factors on each access (differentiable through them);
+        never a parameter, so it is neither saved nor counted."""
+        w = self.second.weight.reshape(self.out_features, self.rank) @ self.first.weight.reshape(
+            self.rank, self.in_features)
+        kind = self.original.get("type")
+        if kind == "Conv1D":
+            return w.T
+        if kind in ("Conv1d", "Conv2d"):
+            return w.reshape(self.out_features, self.original["in_channels"], *self.original["kernel_size"])
+        return w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The replaced layer's bias (held by ``second``)."""
+        return self.second.bias
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (d_out × rank), B (rank × d_in)) as stored."""
         a = self.second.weight.detach().reshape(self.out_features, self.rank)

@@ -19,10 +19,12 @@ from specprune.compress.prune import (
     Factorized,
     FactorizedConv,
     FactorizedLinear,
+    factorize_module,
     prune_rate_for_rank,
     rank_for_rate,
     spectral_factors,
     spectral_mode_energy,
+    svd_factors,
     whitened_factors,
     whitened_singular_values,
 )
@@ -414,6 +416,37 @@ def test_gpt2_conv1d_factorization_matches_dense():
     dense = fac.to_dense()
     assert type(dense).__name__ == "Conv1D" and dense.weight.shape == (32, 128)
     assert torch.allclose(dense(x), fac(x), atol=1e-5)
+
+
+def test_factorized_layers_expose_the_dense_weight_and_bias_model_code_reads():
+    """Model code that reads a layer's ``weight`` (HF ViT: the patch projection's dtype; PyTorch's
+    TransformerEncoderLayer: its linears' weights for the fused inference path) keeps running after a
+    factorization: ``weight`` is W_k in the replaced layer's layout, ``bias`` the original bias."""
+    torch.manual_seed(0)
+    lin, conv2, conv1 = nn.Linear(12, 10), nn.Conv2d(3, 6, (3, 2), padding=1), nn.Conv1d(4, 5, 3)
+    for mod in (lin, conv2, conv1):
+        w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+        fac = factorize_module(mod, *svd_factors(w, 2))
+        dense = fac.to_dense()
+        assert fac.weight.shape == dense.weight.shape == mod.weight.shape
+        assert torch.allclose(fac.weight, dense.weight, atol=1e-6) and fac.bias is fac.second.bias
+        assert "weight" not in dict(fac.named_parameters()) and "weight" not in fac.state_dict()
+    gpt = tiny_gpt2()
+    c_fc = gpt.get_submodule("transformer.h.0.mlp.c_fc")
+    fac = factorize_module(c_fc, *svd_factors(c_fc.weight.detach().t(), 4))
+    assert fac.weight.shape == c_fc.weight.shape == fac.to_dense().weight.shape
+    # a stock encoder layer: its linears factorized, in eval (fused path) and with gradients
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 5, 16)
+    for name in ("linear1", "linear2"):
+        old = getattr(layer, name)
+        setattr(layer, name, factorize_module(old, *svd_factors(old.weight.detach(), 3)))
+    dense = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0).eval()
+    dense.load_state_dict({k: v for k, v in layer.state_dict().items() if "linear" not in k}, strict=False)
+    dense.linear1, dense.linear2 = layer.linear1.to_dense(), layer.linear2.to_dense()
+    with torch.no_grad():
+        assert torch.allclose(layer(x), dense(x), atol=1e-5)
+    assert torch.allclose(layer(x), dense(x), atol=1e-5)
 
 
 def test_unknown_layer_is_an_input_error():
