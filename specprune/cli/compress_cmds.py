@@ -22,8 +22,9 @@ AnalysisOpt = Annotated[Optional[Path], typer.Option("--analysis", help="Analysi
 ExportOpt = Annotated[Optional[str], typer.Option("--export", help="'dense': also write a plain checkpoint "
                                                   "(dequantized, factors multiplied out).")]
 IgnoreFpOpt = Annotated[bool, typer.Option("--ignore-fingerprint", help="Apply a plan made for other weights.")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="fake (specprune RTN, default) | torchao | another "
-                                         "installed quantize compressor")]
+BackendOpt = Annotated[Optional[str], typer.Option(
+    "--backend", help="fake (specprune RTN) | torchao | another installed quantize compressor (default: the "
+                      "one a --plan records, else fake)")]
 
 
 def quantizer_for_backend(backend: str) -> str:
@@ -87,7 +88,7 @@ def _export_flag(export: str | None) -> bool:
 
 def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, data, analysis_dir, samples,
                    seq_len, batch_size, seed, overwrite, export, ignore_fp, fmt, quiet, plan_path=None,
-                   quantizer: str = "rtn") -> None:
+                   quantizer: str | None = None) -> None:
     """Load, build/validate the plan, apply it with the best covariance source, save atomically."""
     import time
 
@@ -129,8 +130,6 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     identity = (plan.details.get("applied") or {}).get("identity_layers") or []
     if identity:
         ctx.warn(f"{identity_summary(plan, identity)} (no --analysis or --data for their input covariance)")
-    if quantizer != "rtn":
-        plan.details["quantizer"] = quantizer
     plan.size = plan_size(loaded.model, plan) if not plan.size else plan.size
     with output_dir(out, inputs, overwrite) as tmp:
         save_compressed(loaded.model, plan, tmp, source=loaded, export_dense=dense)
@@ -229,7 +228,7 @@ def quantize_cmd(
     plan: PlanOpt = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Columns per scale (0 or default: one "
                                                       "scale per output channel, as for recommend).")] = None,
-    backend: BackendOpt = "fake",
+    backend: BackendOpt = None,
     include: IncludeOpt = None, exclude: ExcludeOpt = None, arch: ArchOpt = None,
     trust_remote_code: TrustOpt = False, export: ExportOpt = None, ignore_fingerprint: IgnoreFpOpt = False,
     overwrite: OverwriteOpt = False, fmt: FormatOpt = OutputFormat.human, quiet: QuietOpt = False,
@@ -251,7 +250,7 @@ def quantize_cmd(
             raise InputError(f"--group-size must be ≥ 0 (0: one scale per output channel), got {group_size}")
         group_size = group_size or None  # 0 means per channel, as in recommend's --group-size
         p = _uniform_builder(include, exclude, bits=bits, group_size=group_size)
-    q = quantizer_for_backend(backend)
+    q = quantizer_for_backend(backend) if backend is not None else None
     apply_and_save(model, p, out, arch=arch, trust=trust_remote_code, data=None, analysis_dir=None, samples=128,
                    seq_len=128, batch_size=8, seed=0, overwrite=overwrite, export=export,
                    ignore_fp=ignore_fingerprint, fmt=fmt, quiet=quiet, plan_path=plan, quantizer=q)
@@ -265,17 +264,18 @@ def apply_cmd(
     analysis: AnalysisOpt = None,
     samples: SamplesOpt = 128, seq_len: SeqLenOpt = 128, batch_size: BatchSizeOpt = 8, seed: SeedOpt = 0,
     arch: ArchOpt = None, trust_remote_code: TrustOpt = False, export: ExportOpt = None,
-    ignore_fingerprint: IgnoreFpOpt = False, overwrite: OverwriteOpt = False,
+    ignore_fingerprint: IgnoreFpOpt = False, backend: BackendOpt = None, overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.human, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Apply a plan's pruning and quantization and save the result."""
     from ..plan import Plan
 
     check_early(None, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    q = quantizer_for_backend(backend) if backend is not None else None
     apply_and_save(model, Plan.load(plan), out, arch=arch, trust=trust_remote_code, data=data,
                    analysis_dir=analysis, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                    overwrite=overwrite, export=export, ignore_fp=ignore_fingerprint, fmt=fmt, quiet=quiet,
-                   plan_path=plan)
+                   plan_path=plan, quantizer=q)
 
 
 def render_compress(doc: dict) -> None:

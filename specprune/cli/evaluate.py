@@ -19,6 +19,10 @@ EPILOG = """Examples:
 """
 
 
+# evaluate's JSON keys beyond the contract's that some runs leave out: always written, null when they do not apply
+STABLE_KEYS = ("reference", "reference_source", "reference_note", "prediction_note", "measured_delta_stderr")
+
+
 def render_evaluation(doc: dict) -> None:
     from ..evaluation import value_labels
 
@@ -164,6 +168,8 @@ def evaluate_cmd(
         ev.size = the_plan.size
     ev.seconds = time.perf_counter() - t0
     ev.extra["eval_windows"] = batches.samples
+    for key in STABLE_KEYS:  # the same keys with or without --reference, a plan or notes (null: not applicable)
+        ev.extra.setdefault(key, None)
     doc = ev.to_dict()
     from ..distributed import is_main
 

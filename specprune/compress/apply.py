@@ -50,6 +50,7 @@ import math
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,7 @@ from torch.nn.utils import prune as torch_prune
 from ..errors import InputError, SpecpruneError
 from ..layers import TargetLayer, adapter_for
 from ..plan import LayerPlan, Plan
-from .prune import can_factorize, factorization_saves, prune_rate_for_rank, rank_for_rate
+from .prune import Factorized, can_factorize, factorization_saves, prune_rate_for_rank, rank_for_rate
 from .quantize import QUANT_ATTR
 
 SCALE_BITS = 16
@@ -152,7 +153,7 @@ def identity_summary(plan: Plan, names: list[str]) -> str:
     return "; ".join(parts)
 
 
-def plan_size(model: nn.Module, plan: Plan) -> dict:
+def plan_size(model: nn.Module, plan: Plan, keep_dense: Collection[str] = ()) -> dict:
     """The contract's ``size`` of ``plan`` applied to ``model``, computed from shapes (the model is
     not modified; call it on the uncompressed model).
 
@@ -161,7 +162,14 @@ def plan_size(model: nn.Module, plan: Plan) -> dict:
     :func:`layer_size` (factors when factorized; B bits per quantized weight plus a 16-bit scale per
     group or channel; unstructured pruning removes ⌊rate·numel⌉ parameters but no stored bits);
     biases and everything else keep their size. A factorized layer whose weight is shared with
-    another module keeps that weight (it is still used there) and adds its factors."""
+    another module keeps that weight (it is still used there) and adds its factors. ``keep_dense``:
+    low-rank layers that were truncated in place rather than factorized (a plugin that keeps them dense)."""
+    return _size_total(*_size_terms(model, plan), keep_dense)
+
+
+def _size_terms(model: nn.Module, plan: Plan) -> tuple[dict, dict[str, dict[bool, tuple[int, int]]]]:
+    """The uncompressed totals, and per planned layer its change in (params, bits) if factorized
+    (``True``, where a rank is planned) and if kept dense (``False``)."""
     modules = dict(model.named_modules())
     seen: set[int] = set()
     params_before = bits_before = 0
@@ -172,7 +180,7 @@ def plan_size(model: nn.Module, plan: Plan) -> dict:
         seen.add(p.data_ptr())
         params_before += p.numel()
         bits_before += p.numel() * _dtype_bits(p.dtype)
-    params_after, bits_after = params_before, bits_before
+    terms: dict[str, dict[bool, tuple[int, int]]] = {}
     method_cache: dict[str, tuple[bool, str]] = {}
     for name, lp in plan.layers.items():
         if lp.is_noop:
@@ -194,16 +202,27 @@ def plan_size(model: nn.Module, plan: Plan) -> dict:
         if lp.method is not None and not low_rank and kind == "prune" and lp.prune_rate:
             zeroed = round(float(lp.prune_rate) * weight.numel())
         dbits = _dtype_bits(weight.dtype)
-        p_new, b_new = layer_size(d_in, d_out, rank=rank, bits=lp.bits, group_size=lp.group_size,
-                                  dtype_bits=dbits, factorizable=can_factorize(module), zeroed=zeroed)
-        factorized = rank is not None and can_factorize(module) and factorization_saves(d_in, d_out, rank)
-        if not (factorized and users.get(weight.data_ptr(), 1) > 1):
-            params_after -= weight.numel()
-            bits_after -= weight.numel() * dbits
-        params_after += p_new
-        bits_after += b_new
-    return {"params_before": int(params_before), "params_after": int(params_after),
-            "bits_before": int(bits_before), "bits_after": int(bits_after)}
+        terms[name] = {}
+        for factorizable in (True, False):
+            p_new, b_new = layer_size(d_in, d_out, rank=rank, bits=lp.bits, group_size=lp.group_size,
+                                      dtype_bits=dbits, factorizable=factorizable and can_factorize(module),
+                                      zeroed=zeroed)
+            factorized = (rank is not None and factorizable and can_factorize(module)
+                          and factorization_saves(d_in, d_out, rank))
+            if not (factorized and users.get(weight.data_ptr(), 1) > 1):
+                p_new, b_new = p_new - weight.numel(), b_new - weight.numel() * dbits
+            terms[name][factorizable] = (p_new, b_new)
+    return {"params_before": int(params_before), "bits_before": int(bits_before)}, terms
+
+
+def _size_total(base: dict, terms: dict[str, dict[bool, tuple[int, int]]], keep_dense: Collection[str]) -> dict:
+    params_after, bits_after = base["params_before"], base["bits_before"]
+    for name, change in terms.items():
+        dp, db = change[name not in keep_dense]
+        params_after += dp
+        bits_after += db
+    return {"params_before": base["params_before"], "params_after": int(params_after),
+            "bits_before": base["bits_before"], "bits_after": int(bits_after)}
 
 
 def _weight_users(model: nn.Module) -> dict[int, list[str]]:
@@ -378,14 +397,15 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
 
 
 def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = None, data: Any = None, *,
-           device: str | torch.device | None = None, quantizer: str = "rtn") -> nn.Module:
+           device: str | torch.device | None = None, quantizer: str | None = None) -> nn.Module:
     """Apply ``plan`` to ``model`` in place and return it (see the module docstring).
 
     ``analysis``: an :class:`~specprune.analysis.Analysis` with spectra (covariances of the
     low-rank layers); ``data``: batches (a ``Batches`` or any iterable of tensors / dicts) to
     measure them when no analysis is given; ``device``: where the factorizations (and the probe)
     run — results go back to each module's own device; ``quantizer``: compressor used for
-    ``bits`` (default ``rtn``). Fills ``plan.size`` (:func:`plan_size`, before the changes),
+    ``bits`` (default: the one the plan records in ``details["quantizer"]``, else ``rtn``; the one used
+    is recorded there). Fills ``plan.size`` (:func:`plan_size`, before the changes),
     resolved ranks, and ``plan.details["applied"]``. On failure the model and plan are unchanged."""
     from .. import registry
     from ..models import unwrap
@@ -419,6 +439,15 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
                              "compress (Linear, Conv1D, Conv1d/2d or a plugin layer type)")
         targets[name] = TargetLayer(name, module, adapter)
 
+    recorded = plan.details.get("quantizer")
+    if quantizer is None and recorded is not None and any(lp.bits is not None for lp in active.values()):
+        if not isinstance(recorded, str) or not recorded:
+            raise InputError(f"the plan's details.quantizer must be a compressor name, got {recorded!r}")
+        if recorded != "rtn" and recorded not in {p.name for p in registry.available("compressors")}:
+            raise InputError(f"the plan was quantized with {recorded!r} (details.quantizer), which is not installed "
+                             "here: install its plugin, or pass quantizer='rtn' (CLI: --backend fake) to use "
+                             "specprune's round-to-nearest instead")
+    quantizer = quantizer or recorded or "rtn"
     default_quant = get_compressor(quantizer)
     if default_quant.kind != "quantize":
         raise InputError(f"compressor {quantizer!r} is a {default_quant.kind} method, not a quantizer")
@@ -479,7 +508,8 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
             else:
                 source = "identity"
 
-        plan.size = plan_size(model, plan)
+        base, size_terms = _size_terms(model, plan)
+        plan.size = _size_total(base, size_terms, ())
 
         # apply ------------------------------------------------------------------------------
         for name, lp in active.items():
@@ -512,12 +542,27 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
                     raise SpecpruneError(
                         f"{registry.describe('compressors', quant_name)} does not follow the compressor protocol: "
                         f"apply() on layer {name} returned a {type(result).__name__}, not None or an nn.Module")
+                quantized = result if isinstance(result, nn.Module) else module
+                if not any(QUANT_ATTR in m.__dict__ for m in quantized.modules()):
+                    raise SpecpruneError(
+                        f"{registry.describe('compressors', quant_name)} does not follow the compressor protocol: "
+                        f"apply() on layer {name} left no QuantRecord (specprune.compress.quantize.QUANT_ATTR), "
+                        "so the layer could be neither sized nor saved packed")
             if moved:
                 t.module.to(home)  # the original too: it may still be referenced (tied weights)
                 if module is not t.module:
                     module.to(home)
+        # a low-rank layer left unfactorized (truncated in place, e.g. by a plugin) keeps its dense size
+        dense = [n for n, lp in active.items() if lp.rank is not None
+                 and not isinstance(model.get_submodule(n), Factorized)]
+        if dense:
+            plan.size = _size_total(base, size_terms, dense)
         identity_layers = [t.name for t in cov_targets if t.name not in covs]
         plan.details["applied"] = {"covariance": source, "identity_layers": identity_layers}
+        if quantizer != "rtn" and any(lp.bits is not None for lp in active.values()):
+            plan.details["quantizer"] = quantizer
+        else:
+            plan.details.pop("quantizer", None)
         if identity_layers:
             warnings.warn(IdentityCovarianceWarning(
                 f"{identity_summary(plan, identity_layers)} (e.g. {identity_layers[0]}): they need their input "

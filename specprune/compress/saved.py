@@ -274,6 +274,24 @@ def _state_for_file(model: nn.Module, quantized: dict) -> tuple[dict[str, torch.
     return tensors, aliases
 
 
+def _check_rebuildable(model: nn.Module, plan: Any) -> None:
+    """Refuse, before anything is written, a planned layer that a compressor replaced by a module :func:`load`
+    cannot rebuild: loading makes the model from its config or ``--arch`` and puts back only specprune's
+    :class:`Factorized` layers, so any other replacement (say an ``nn.Sequential`` from a plugin) would be
+    saved under names the rebuilt model does not have."""
+    from ..layers import adapter_for
+
+    layers = plan.layers if hasattr(plan, "layers") else (plan or {}).get("layers") or {}
+    modules = dict(model.named_modules())
+    for name in layers:
+        mod = modules.get(name)
+        if mod is None or isinstance(mod, Factorized) or adapter_for(mod) is not None:
+            continue
+        raise InputError(f"layer {name} was replaced by a {type(mod).__name__}, which specprune cannot rebuild when "
+                         "the model is loaded; a compressor must change the weights in place or return a "
+                         "specprune Factorized module (specprune.compress.prune.factorize_module)")
+
+
 def save_compressed(model: nn.Module, plan: Any, out_dir: str | Path, *, source: Any = None,
                     export_dense: bool = False) -> Path:
     """Write the compressed ``model`` (after :func:`~specprune.compress.apply.apply_`) and ``plan``
@@ -288,6 +306,7 @@ def save_compressed(model: nn.Module, plan: Any, out_dir: str | Path, *, source:
     out = Path(out_dir)
     if not out.is_dir():
         raise InputError(f"output directory {out_dir} does not exist")
+    _check_rebuildable(model, plan)
     info = _source_info(source, model)
     hf = _is_hf_model(model)
     quantized = _quantized_tensors(model)
