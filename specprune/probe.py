@@ -12,9 +12,21 @@ batches (on the CPU only the upper strips of the batch Gram are computed, into a
 the whole pass, and the sum is mirrored once at the end). Placement: each accumulator computes on
 its layer's device (the device of the layer's weights; a model dispatched over several GPUs keeps
 each accumulator beside its layer); with ``offload`` the float64 sum lives in CPU memory instead and
-only the float32 batch Gram is made on the device. Layers that read the same input tensor (q/k/v, gate/up) share one accumulator;
-the sharing is found on the first batch through tensor identity (weak references, so a
-freed tensor whose memory is reused cannot be mistaken for a shared one).
+only the float32 batch Gram is made on the device.
+
+Sharing (an optimisation, never a change of result): layers that read the same input tensor and
+turn it into the same feature rows (q/k/v, gate/up: :func:`feature_key`) share one accumulator, so
+its Gram is computed and stored once. Tensors are told apart by identity (weak references, so a
+freed tensor whose memory is reused cannot be mistaken for a shared one; an in-place change between
+two readers is not seen). A layer joins an accumulator only on its first call, and only one that has
+taken nothing but that same tensor; from then on a tensor one member reads is held until every member
+has read it, and only then added, so the shared Gram holds exactly the inputs each member saw. When a
+batch ends with a tensor not read by every member (``b(x); a(x); b(h)``: b reused on a tensor a never
+sees), or more than :data:`MAX_PENDING` tensors wait, the group splits for good: each member gets a
+copy of the common sum plus the tensors it alone read, and its own accumulator from then on. A layer
+called several times per forward on different tensors (ALBERT-style reuse) counts each call's tokens.
+:func:`discover_input_groups` runs the same logic on a one-sample forward, so the memory estimate sees
+the same groups.
 
 Token sampling (``sample``, off by default): for inputs at least :data:`SAMPLE_MIN_WIDTH` wide, each
 batch keeps token i with probability p_i = min(1, c‖x_i‖²), c set per batch so that the expected number
@@ -37,6 +49,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
+import warnings
 import weakref
 import zlib
 from dataclasses import dataclass, field
@@ -45,11 +59,17 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .layers import TargetLayer
+from .layers import ConvAdapter, LinearAdapter, TargetLayer
 
 STRIP = 128  # CPU Gram strip width: 96–128 measured fastest for d = 384…3072 (2-core AVX-512 host)
 SAMPLE_MIN_WIDTH = 1024  # token sampling (when asked for) applies to inputs at least this wide
 MIN_SAMPLE = 1e-6  # the smallest token-sampling fraction taken (below it the inclusion scale underflows)
+MAX_PENDING = 8  # tensors a shared accumulator holds for members yet to read them before it splits
+
+
+class AmbiguousMaskWarning(UserWarning):
+    """Some layer inputs were (n, n, …) under an (n, n) attention mask: batch-first and seq-first cannot be
+    told apart from the shapes, and the mask was applied batch-first (:meth:`SpectrumProbe._features`)."""
 
 
 def check_sample(sample: float | None, name: str = "token_sample") -> float | None:
@@ -249,14 +269,41 @@ def layer_device(module: nn.Module) -> torch.device | None:
     return p.device
 
 
+def feature_key(adapter, module: nn.Module) -> tuple:
+    """What a layer's feature rows depend on besides its input tensor. Layers that read one tensor share
+    an accumulator only when their keys are equal: Linear and HF Conv1D take the last dimension (the
+    width is the key), a convolution its patches (a ResNet block's 3×3 conv and its 1×1 downsample
+    read one tensor but see different patches); any other adapter its class, the module's class and
+    the width."""
+    feats = getattr(type(adapter), "features", None)
+    if feats is LinearAdapter.features:
+        return ("last-dim", adapter.d_in(module))
+    if feats is ConvAdapter.features:
+        return ("conv", type(module), module.kernel_size, module.stride, module.padding, module.dilation,
+                module.groups, module.padding_mode, adapter.d_in(module))
+    return (type(adapter), type(module), adapter.d_in(module))
+
+
+@dataclass
+class _Pending:
+    """A tensor a shared accumulator took but not every member has read yet (held until then)."""
+
+    x: torch.Tensor
+    seen: set[str]
+    adapter: object
+    module: nn.Module
+
+
 class SpectrumProbe:
     """Hooks on ``layers`` accumulating input Grams; use as ``with SpectrumProbe(...) as probe:``
-    and call ``probe.set_batch(batch)`` before each forward so masks apply.
+    and call ``probe.set_batch(batch)`` before each forward so masks apply (and a batch's sharing is
+    checked when it ends: module docstring).
 
     ``offload``: float64 sums in CPU memory; ``accumulate=False``: only find which layers share an
     input (``layer_acc``), allocating nothing (see :func:`discover_input_groups`); ``sample``: the
     token sampling fraction of inputs ≥ :data:`SAMPLE_MIN_WIDTH` wide (module docstring; None: every
-    token), drawn reproducibly from ``seed``."""
+    token), drawn reproducibly from ``seed``. After the pass ``mask_ambiguous`` lists the layers whose
+    inputs the attention mask fitted both ways (:meth:`_features`)."""
 
     def __init__(self, model: nn.Module, layers: list[TargetLayer], *, offload: bool = False,
                  accumulate: bool = True, sample: float | None = None, seed: int = 0):
@@ -268,9 +315,16 @@ class SpectrumProbe:
         self.seed = int(seed)
         self.accumulators: dict[str, GramAccumulator] = {}
         self.layer_acc: dict[str, str] = {}
+        self.mask_ambiguous: list[str] = []
         self._handles: list = []
         self._mask: torch.Tensor | None = None
-        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._seen: dict[int, tuple[weakref.ref, list[str]]] = {}  # this batch: tensor → accumulators holding it
+        self._pending: dict[str, dict[int, _Pending]] = {}  # accumulator → tensors members have yet to read
+        self._taken: dict[str, int] = {}  # accumulator → distinct tensors taken (1: it may still be joined)
+        self._fkey: dict[str, tuple] = {}
+        self._inference = False  # whether the hooks ran under inference mode (the Grams are made in it)
+        self._ambiguous: dict[str, tuple[int, int]] = {}  # layer → the (n, n) mask shape read batch-first
+        self._seq_first: bool | None = None
         self._fired: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -283,22 +337,35 @@ class SpectrumProbe:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.remove(flush=exc_type is None)  # after an error the sums are thrown away: no work for them
 
-    def remove(self) -> None:
-        """Remove exactly the handles this probe registered (and free the CPU batch buffers)."""
+    def remove(self, flush: bool = True) -> None:
+        """Remove exactly the handles this probe registered, settle the last batch's held tensors
+        (``flush``) and free the CPU batch buffers."""
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        if flush:
+            self._end_batch()
         for acc in self.accumulators.values():
             acc.finalize()
         self._seen.clear()
+        self._pending.clear()
         self._mask = None
+        if flush and self._ambiguous and not self.mask_ambiguous:
+            self.mask_ambiguous = list(self._ambiguous)
+            first, shape = next(iter(self._ambiguous.items()))
+            warnings.warn(AmbiguousMaskWarning(
+                f"{len(self._ambiguous)} layer(s) (e.g. {first}) got inputs whose first two dimensions fit the "
+                f"{shape[0]}×{shape[1]} attention mask both batch-first and seq-first; the mask was applied "
+                "batch-first (batch, seq, …), so if they are seq-first padding entered their covariance: "
+                "calibrate with a batch size other than the sequence length"), stacklevel=2)
 
     def set_batch(self, batch: dict) -> None:
-        """Call before each forward: sets the attention mask and clears per-batch sharing state."""
-        self._seen.clear()
+        """Call before each forward: settles the previous batch's sharing, sets the attention mask and
+        clears per-batch sharing state."""
+        self._end_batch()
         m = batch.get("attention_mask") if isinstance(batch, dict) else None
         m = m.bool() if isinstance(m, torch.Tensor) else None
         self._mask = None if m is None or bool(m.all()) else m  # no padding: no copy of every input
@@ -312,50 +379,139 @@ class SpectrumProbe:
     # -- the hook ---------------------------------------------------------------------------
     def _make_hook(self, layer: TargetLayer):
         name = layer.name
-        adapter = layer.adapter
-        module = layer.module
 
         def hook(mod, args):
             if not args or not isinstance(args[0], torch.Tensor):
                 return None
             x = args[0]
             self._fired.add(name)
-            key = id(x)
-            hit = self._seen.get(key)
-            if hit is not None and hit[0]() is x:
-                acc_key = hit[1]
-                if name not in self.layer_acc:
-                    self.layer_acc[name] = acc_key
-                    self.accumulators[acc_key].layers.append(name)
-                if self.layer_acc[name] == acc_key:
-                    return None  # the shared accumulator already took this tensor
+            self._inference = torch.is_inference_mode_enabled()
+            entry = self._seen.get(id(x))
+            holders = entry[1] if entry is not None and entry[0]() is x else []
             acc_key = self.layer_acc.get(name)
-            if acc_key is not None and acc_key != name:
-                raise InputError(f"layer {name} shared its input with {acc_key} on an earlier batch but "
-                                 "not on this one; analyse them separately with --include/--exclude")
             if acc_key is None:
-                acc_key = name
-                self.layer_acc[name] = acc_key
-                d = adapter.d_in(module)
-                self.accumulators[acc_key] = GramAccumulator(
-                    acc_key, d, layer_device(module) or x.device, layers=[name], offload=self.offload,
-                    sample=self.sample if d >= SAMPLE_MIN_WIDTH else None, seed=self.seed)
-            self._seen[key] = (weakref.ref(x), acc_key)
-            if not self.accumulate:
+                acc_key = self._join_or_create(layer, x, holders)
+            acc = self.accumulators[acc_key]
+            if acc_key in holders:  # taken already, by this layer or by a partner
+                held = self._pending.get(acc_key, {}).get(id(x))
+                if held is not None:
+                    held.seen.add(name)
+                    if len(held.seen) == len(acc.layers):  # every member read it: add it once
+                        del self._pending[acc_key][id(x)]
+                        self._add([acc], held.adapter, held.module, held.x)
                 return None
-            with torch.no_grad():
-                feats = self._features(adapter, module, x)
-                self.accumulators[acc_key].update(feats)
+            if entry is None or entry[0]() is not x:
+                self._seen[id(x)] = (weakref.ref(x), holders)
+            holders.append(acc_key)
+            self._taken[acc_key] += 1
+            if len(acc.layers) == 1:
+                self._add([acc], layer.adapter, layer.module, x)
+                return None
+            waiting = self._pending.setdefault(acc_key, {})
+            waiting[id(x)] = _Pending(x, {name}, layer.adapter, layer.module)
+            if len(waiting) > MAX_PENDING:  # members that do not read the same tensors: split now
+                self._split(acc_key)
             return None
 
         return hook
 
-    def _features(self, adapter, module, x: torch.Tensor) -> torch.Tensor:
+    def _join_or_create(self, layer: TargetLayer, x: torch.Tensor, holders: list[str]) -> str:
+        """A layer's first call: join an accumulator that has taken only this very tensor so far and
+        makes the same feature rows from it, else start its own."""
+        name, adapter, module = layer.name, layer.adapter, layer.module
+        fkey = feature_key(adapter, module)
+        for key in holders:
+            if self._taken[key] == 1 and self._fkey[key] == fkey:
+                self.layer_acc[name] = key
+                self.accumulators[key].layers.append(name)
+                return key
+        d = adapter.d_in(module)
+        self.layer_acc[name] = name
+        self.accumulators[name] = GramAccumulator(
+            name, d, layer_device(module) or x.device, layers=[name], offload=self.offload,
+            sample=self.sample if d >= SAMPLE_MIN_WIDTH else None, seed=self.seed)
+        self._taken[name] = 0
+        self._fkey[name] = fkey
+        return name
+
+    def _add(self, accs: list[GramAccumulator], adapter, module, x: torch.Tensor) -> None:
+        """The feature rows of ``x`` (made once) into each accumulator of ``accs``."""
+        if not self.accumulate:
+            return
+        with torch.no_grad():
+            feats = self._features(adapter, module, x, accs[0].layers)
+            for acc in accs:
+                acc.update(feats)
+
+    def _split(self, key: str) -> None:
+        """Dissolve a shared accumulator whose members did not all read the same tensors: each member
+        other than its first gets a copy of the common sum, then every held tensor goes to the members
+        that read it. Exact: the common sum holds only tensors every member read."""
+        acc = self.accumulators[key]
+        waiting = self._pending.pop(key, {})
+        common = self._taken[key] - len(waiting)
+        accs = {key: acc}
+        for name in acc.layers[1:]:
+            new = GramAccumulator(name, acc.d, acc.device, layers=[name], offload=acc.offload,
+                                  sample=acc.sample, seed=acc.seed)
+            if acc.gram is not None:
+                new.gram = acc.gram.clone()
+            new.tokens, new.skipped_tokens, new.kept_tokens = acc.tokens, acc.skipped_tokens, acc.kept_tokens
+            new.max_variance, new._mirror = acc.max_variance, acc._mirror
+            self.accumulators[name] = accs[name] = new
+            self.layer_acc[name] = name
+            self._fkey[name] = self._fkey[key]
+        acc.layers = [key]
+        for name in accs:
+            self._taken[name] = common + sum(name in held.seen for held in waiting.values())
+        for ref, holders in self._seen.values():  # this batch's tensors: who holds which from now on
+            if key not in holders or ref() is None:
+                continue
+            held = waiting.get(id(ref()))
+            holders[:] = [k for k in holders if k != key] + [n for n in accs if held is None or n in held.seen]
+        for held in waiting.values():
+            self._add([accs[n] for n in accs if n in held.seen], held.adapter, held.module, held.x)
+
+    def _end_batch(self) -> None:
+        """A batch ended: a shared accumulator still holding tensors not every member read splits."""
+        if self._pending:
+            with torch.inference_mode(self._inference):
+                for key in [k for k, w in self._pending.items() if w]:
+                    self._split(key)
+        self._pending.clear()
+        self._seen.clear()
+
+    def _features(self, adapter, module, x: torch.Tensor, layers: list[str]) -> torch.Tensor:
+        """The feature rows of ``x`` for ``adapter``, padding dropped for token-shaped inputs (``layers``:
+        the layers they go to). The mask (batch, seq) applies to an input whose first two dimensions are
+        (batch, seq), and transposed to a seq-first one (seq, batch), as PyTorch modules with
+        ``batch_first=False`` take. A square mask fits both ways; the input is then read batch-first (the
+        Hugging Face layout, always right for their models), and when the model might be seq-first (it is
+        not a transformers ``PreTrainedModel``, or some module declares ``batch_first=False``) the layers
+        are recorded and one :class:`AmbiguousMaskWarning` at the end of the pass names them. An input
+        that fits neither (the BERT pooler's (batch, d)) is read whole."""
         m = self._mask
-        if getattr(adapter, "token_shaped", False) and m is not None and x.dim() >= 3 \
-                and tuple(x.shape[:2]) == tuple(m.shape):
-            x = x[m.to(x.device)]
+        if getattr(adapter, "token_shaped", False) and m is not None and x.dim() >= 3:
+            lead, shape = tuple(x.shape[:2]), tuple(m.shape)
+            if lead == shape:
+                if shape[0] == shape[1] and self._maybe_seq_first():
+                    for name in layers:
+                        self._ambiguous.setdefault(name, shape)
+                x = x[m.to(x.device)]
+            elif lead == shape[::-1]:
+                x = x[m.t().to(x.device)]
         return adapter.features(module, x)
+
+    def _maybe_seq_first(self) -> bool:
+        """Whether some layer input may be seq-first: the model is not a transformers ``PreTrainedModel``
+        (always batch-first), or one of its modules declares ``batch_first=False``."""
+        if self._seq_first is None:
+            tf = sys.modules.get("transformers")  # never imported here: a model of it means it is loaded
+            base = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+            hf = isinstance(base, type) and isinstance(self.model, base)
+            self._seq_first = not hf or any(getattr(mod, "batch_first", None) is False
+                                            for mod in self.model.modules())
+        return self._seq_first
 
     # -- results ----------------------------------------------------------------------------
     def results(self) -> dict[str, GramAccumulator]:
@@ -413,9 +569,10 @@ def _tiny_batch(batch: dict, tokens: int = 8) -> dict:
 
 def discover_input_groups(model: nn.Module, layers: list[TargetLayer], batch: dict,
                           device: torch.device | None = None) -> dict[str, str]:
-    """Layer name → accumulator key, exactly as :class:`SpectrumProbe` will group them (same input
-    tensor object → one accumulator), from one forward of the first sample of ``batch`` (≤ 8 tokens)
-    with hooks that allocate nothing. Used to make the memory estimate exact before a big run."""
+    """Layer name → accumulator key, exactly as :class:`SpectrumProbe` will group them (layers reading the
+    same tensors into the same feature rows → one accumulator; a group whose members read different tensors
+    is split: module docstring), from one forward of the first sample of ``batch`` (≤ 8 tokens) with hooks
+    that allocate nothing. Used to make the memory estimate exact before a big run."""
     from .data import forward
 
     probe = SpectrumProbe(model, layers, accumulate=False)
