@@ -150,11 +150,11 @@ class _AdapterList(list):
 
 
 def _plugin_failure(name: str, err: Exception, during: str) -> str:
+    """The warning for a plugin adapter skipped because ``during`` raised: the registry's one format for
+    every skipped plugin, the same as for one that fails to import."""
     from . import registry
 
-    info = registry.info("adapters", name)
-    where = f" (package {info.package} {info.version}, entry point {info.value})" if info is not None else ""
-    return f"adapters plugin {name!r}{where} failed in {during}: {type(err).__name__}: {err}; skipped"
+    return registry.skip_message("adapters", name, f"failed in {during}: {type(err).__name__}: {err}")
 
 
 def adapters() -> list:

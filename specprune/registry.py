@@ -6,7 +6,9 @@ Four kinds, one entry-point group each: ``specprune.evolution`` (theory g functi
 Discovery is lazy and cached; a plugin that fails to load warns and is skipped where every plugin
 of a kind is loaded (:func:`load_all`), and is a one-line error where it is used by name
 (:func:`get`); two packages registering the same name make *using* that name an error naming
-both (listing shows both registrations, marked); unknown names get a near-match suggestion.
+both (listing shows both registrations, marked); a name the CLI gives another meaning (``--metric
+auto``, ``module:callable``) is marked too (``PluginInfo.reserved``); unknown names get a near-match
+suggestion.
 ``SPECPRUNE_DISABLE_PLUGIN_AUTOLOAD=1`` keeps only specprune's own built-ins.
 
 Warnings about skipped plugins are :class:`PluginWarning` (the CLI prints them as one
@@ -38,6 +40,18 @@ AUTOLOAD_ENV = "SPECPRUNE_DISABLE_PLUGIN_AUTOLOAD"
 # what one plugin of each kind is called in messages ("compressor 'wanda' (specprune-wanda) failed: ...")
 SINGULAR = {"evolution": "evolution", "compressors": "compressor", "adapters": "adapter", "metrics": "metric"}
 _MUST_BE_CALLABLE = ("evolution", "metrics")  # factories / g functions and metric functions
+# names the CLI reads as something else, so it never looks up a plugin registered under them:
+# --metric auto (specprune.evaluation.METRICS), --backend fake (specprune.cli.compress_cmds), and a ':'
+# (--metric module:callable; --g NAME:key=val, specprune.theory.evolution.parse_spec)
+_RESERVED = {
+    ("metrics", "auto"): "--metric auto is specprune's automatic choice (lm-loss, task-loss or output-mse), "
+                         "never this plugin",
+    ("compressors", "fake"): "--backend fake is specprune's own RTN quantizer, never this plugin",
+}
+_COLON = {
+    "metrics": "--metric reads a name with ':' as module:callable, never as this plugin",
+    "evolution": "--g reads what follows ':' as parameters (NAME:key=val), so it never finds this plugin",
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,9 @@ class PluginInfo:
     builtin: bool
     # set when other packages register the same (kind, name): the one-line error using the name gives
     conflict: str | None = None
+    # set when the CLI gives the name another meaning (``auto`` for --metric, a ':'): why it never reaches
+    # the plugin (``get`` still loads it: the API and, for ``fake``, a plan layer's method can use it)
+    reserved: str | None = None
 
     @property
     def label(self) -> str:
@@ -59,6 +76,16 @@ class PluginInfo:
 
 class PluginConflict(SpecpruneError):
     """Two packages register the same (kind, name)."""
+
+
+class PluginLoadError(SpecpruneError):
+    """A plugin could not be loaded (its import failed, or its entry point is not the kind of object its
+    kind needs). ``problem`` says what went wrong without naming the plugin (``failed to load:
+    ImportError: ...``), so that :func:`load_all` can word its warning like :func:`skip_message`."""
+
+    def __init__(self, message: str, problem: str):
+        super().__init__(message)
+        self.problem = " ".join(problem.split())
 
 
 class PluginWarning(RuntimeWarning):
@@ -80,6 +107,14 @@ def _conflict_message(kind: str, name: str, infos: list[PluginInfo]) -> str:
     return f"{kind} plugin {name!r} is registered by {who} and {last.package} ({last.value}); uninstall all but one"
 
 
+def _reserved_message(kind: str, name: str, package: str, value: str) -> str | None:
+    """Why the CLI never reaches a plugin registered under ``name`` (one line), or None."""
+    why = _RESERVED.get((kind, name)) or (_COLON.get(kind) if ":" in name else None)
+    if why is None:
+        return None
+    return f"{kind} plugin {name!r} of {package} ({value}) has a reserved name: {why}; rename it"
+
+
 @functools.lru_cache(maxsize=None)
 def _scan(kind: str, autoload: bool) -> tuple[tuple[PluginInfo, metadata.EntryPoint], ...]:
     """Every registration of a kind, in discovery order; a name registered by several packages keeps
@@ -97,7 +132,8 @@ def _scan(kind: str, autoload: bool) -> tuple[tuple[PluginInfo, metadata.EntryPo
         same = regs.setdefault(ep.name, [])
         if any(info.value == ep.value for info, _ in same):
             continue  # the same distribution seen twice on sys.path
-        same.append((PluginInfo(kind, ep.name, package, version, ep.value, builtin), ep))
+        reserved = _reserved_message(kind, ep.name, package, ep.value)
+        same.append((PluginInfo(kind, ep.name, package, version, ep.value, builtin, reserved=reserved), ep))
     out: list[tuple[PluginInfo, metadata.EntryPoint]] = []
     for name, items in regs.items():
         if len(items) > 1:
@@ -171,11 +207,13 @@ def get(kind: str, name: str) -> Any:
     try:
         obj = _load(kind, name, autoload)
     except Exception as err:  # a broken plugin must not take specprune down with a traceback
-        raise SpecpruneError(f"{kind} plugin {name!r} failed to load: {type(err).__name__}: {err}") from err
+        problem = f"failed to load: {type(err).__name__}: {err}"
+        raise PluginLoadError(f"{kind} plugin {name!r} {problem}", problem) from err
     if kind in _MUST_BE_CALLABLE and not callable(obj):
         what = "a factory f(**params) or a g(lam, t)" if kind == "evolution" else "a function fn(model, batch, device)"
-        raise SpecpruneError(f"{found.label}: its entry point {found.value} is not callable (an object of type "
-                             f"{type(obj).__name__}; it must be {what})")
+        why = f"(an object of type {type(obj).__name__}; it must be {what})"
+        raise PluginLoadError(f"{found.label}: its entry point {found.value} is not callable {why}",
+                              f"is not callable {why}")
     return obj
 
 
@@ -192,6 +230,20 @@ def is_disabled(kind: str, name: str) -> bool:
     return (kind, name) in _disabled
 
 
+def disabled_reason(kind: str, name: str) -> str | None:
+    """The warning :func:`disable` gave for a skipped plugin, or None if it is not skipped."""
+    return _disabled.get((kind, name))
+
+
+def skip_message(kind: str, name: str, problem: str) -> str:
+    """The one format of every "plugin skipped" warning: ``adapters plugin 'x' (package p 1.0, entry
+    point m:A) failed in matches(): RuntimeError: boom; skipped`` (``problem`` is the part after the
+    parentheses), whatever the step that failed (import, ``__init__``, ``matches``)."""
+    found = info(kind, name)
+    where = f" (package {found.package} {found.version}, entry point {found.value})" if found is not None else ""
+    return f"{kind} plugin {name!r}{where} {problem}; skipped"
+
+
 def load_all(kind: str) -> dict[str, Any]:
     """Load every plugin of a kind; broken (or conflicting) ones warn and are skipped."""
     out = {}
@@ -202,9 +254,8 @@ def load_all(kind: str) -> dict[str, Any]:
             out[name] = get(kind, name)
         except PluginConflict as err:  # names both packages already
             disable(kind, name, f"{err}; skipped")  # warns once, then skipped without a word
-        except SpecpruneError as err:
-            found = info(kind, name)
-            disable(kind, name, f"{err}; skipped (package {found.package} {found.version}, entry point {found.value})")
+        except PluginLoadError as err:
+            disable(kind, name, skip_message(kind, name, err.problem))
     return out
 
 

@@ -57,7 +57,8 @@ IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Laye
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Layer name or dotted suffix, or re:REGEX (repeatable).")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="module:callable building the model, for state-dict files.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a HF model's own Python code to run.")]
-MetricOpt = Annotated[str, typer.Option("--metric", help="auto | lm-loss | task-loss | output-mse | module:callable")]
+MetricOpt = Annotated[str, typer.Option("--metric", help="auto | lm-loss | task-loss | output-mse | an installed "
+                                         "metric plugin's name (specprune plugins --kind metrics) | module:callable")]
 ToleranceOpt = Annotated[float, typer.Option("--tolerance", help="Largest acceptable relative metric increase (0.02 = 2%).")]
 
 

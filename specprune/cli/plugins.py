@@ -1,9 +1,12 @@
 """``specprune plugins``: what the entry-point registries discovered, built-ins included.
 
 Listing reads package metadata only (nothing is imported), so a broken plugin still shows up;
-``--check`` imports each one and reports whether it loads. A name registered by two packages is
-listed once per package, marked as a conflict (``"conflict"``: the one-line error that using the
-name gives), with a warning on stderr; only *using* that name is an error.
+``--check`` imports each one and runs the checks its first real use runs (a compressor built and
+checked against the protocol, a metric built and its signature checked, an adapter instantiated), and
+reports whether it passes. A name registered by two packages is listed once per package, marked as a
+conflict (``"conflict"``: the one-line error that using the name gives), with a warning on stderr; only
+*using* that name is an error. A name the CLI reads as something else (``--metric auto``, a ':') is
+marked the same way: no command can reach that plugin.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ EPILOG = """Examples:
 
 KindOpt = Annotated[list[str] | None, typer.Option(
     "--kind", help="Only these kinds: evolution, compressors, adapters, metrics (repeatable).")]
-CheckOpt = Annotated[bool, typer.Option("--check", help="Import every plugin and report whether it loads.")]
+CheckOpt = Annotated[bool, typer.Option("--check", help="Import and build every plugin as its first use would, "
+                                        "and report whether it works.")]
 
 
 @contextlib.contextmanager
@@ -57,11 +61,37 @@ def plugin_warnings_as_lines() -> Iterator[None]:
         yield
 
 
+def check_plugin(info, adapters: list | None = None) -> str | None:
+    """The one-line error the first real use of a plugin would give, or None: the registry's load, then
+    the check that use runs (``get_compressor``; ``metric_function``, which builds the metric and checks
+    its signature; for an adapter, :func:`specprune.layers.adapters`, which instantiates it: pass its
+    result in ``adapters``). A reserved name fails too, since no command reaches it. Evolution factories
+    are only loaded: building one needs the user's parameters."""
+    from .. import registry
+
+    if info.reserved:
+        return info.reserved
+    registry.get(info.kind, info.name)  # a conflict or an import failure: its one-line error
+    if info.kind == "compressors":
+        from ..compress.apply import get_compressor
+
+        get_compressor(info.name)
+    elif info.kind == "metrics":
+        from ..evaluation import METRICS, metric_function
+
+        if info.name not in METRICS:  # the built-in names are handled by the evaluator itself
+            metric_function(info.name)
+    elif (info.kind == "adapters" and not info.builtin and adapters is not None
+          and info.name not in getattr(adapters, "plugins", {}).values()):
+        return registry.disabled_reason("adapters", info.name) or f"{info.label} was not loaded"
+    return None
+
+
 def plugin_rows(kinds: list[str] | None = None, check: bool = False) -> list[dict]:
     """One dict per discovered plugin, ordered by kind (registry order) then name:
     ``{kind, name, package, version, value, builtin, conflict}`` (``conflict``: null, or the error that
-    using a name registered by several packages gives; each of them has a row), plus ``loaded`` and
-    ``error`` with ``check``."""
+    using a name registered by several packages gives, each of them having a row, or why a reserved name
+    never reaches the plugin), plus ``loaded`` and ``error`` with ``check`` (see :func:`check_plugin`)."""
     from .. import registry
     from ..errors import InputError, SpecpruneError
 
@@ -73,17 +103,27 @@ def plugin_rows(kinds: list[str] | None = None, check: bool = False) -> list[dic
         close = difflib.get_close_matches(unknown[0], list(registry.KINDS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise InputError(f"unknown plugin kind {unknown[0]!r}{hint} (known: {', '.join(registry.KINDS)})")
+    built = None
+    if check and "adapters" in wanted:
+        import warnings
+
+        from ..layers import adapters
+
+        with warnings.catch_warnings():  # each skipped adapter's warning is its row's error instead
+            warnings.simplefilter("ignore", registry.PluginWarning)
+            built = adapters()
     rows = []
     for kind in wanted:
         for info in registry.available(kind):
+            conflict = "; ".join(m for m in (info.conflict, info.reserved) if m) or None
             row = {"kind": info.kind, "name": info.name, "package": info.package, "version": info.version,
-                   "value": info.value, "builtin": info.builtin, "conflict": info.conflict}
+                   "value": info.value, "builtin": info.builtin, "conflict": conflict}
             if check:
                 try:
-                    registry.get(kind, info.name)
-                    row.update(loaded=True, error=None)
-                except SpecpruneError as err:  # the registry wraps any import failure; keep listing
-                    row.update(loaded=False, error=str(err))
+                    error = check_plugin(info, built)
+                except SpecpruneError as err:  # the registry and the checks give one line each; keep listing
+                    error = str(err)
+                row.update(loaded=error is None, error=error)
             rows.append(row)
     return rows
 
@@ -109,7 +149,10 @@ def render_plugins(rows: list[dict]) -> None:
         if conflicts:
             others = [o["package"] for o in rows if r.get("conflict") and o is not r
                       and (o["kind"], o["name"]) == (r["kind"], r["name"])]
-            cells.append(f"[red]also registered by {', '.join(others)}[/red]" if others else "")
+            if others:
+                cells.append(f"[red]also registered by {', '.join(others)}[/red]")
+            else:  # a name alone in its kind is marked only when it is reserved
+                cells.append("[red]reserved name[/red]" if r.get("conflict") else "")
         if checked:
             cells.append("ok" if r["loaded"] else f"[red]{r['error']}[/red]")
         t.add_row(*cells)

@@ -622,3 +622,137 @@ def test_metric_plugin_failures_name_the_metric(site):
     with pytest.raises(InputError, match=r"^the reference metric-nan is nan: the metric function 'metric-nan' "
                                          r"returned a non-finite \(sum, count\)"):
         evaluate(model, [x], reference=model, metric="metric-nan")
+
+
+# ------------------------------------------------------------- plugin compressors through apply_ and save
+PLUGIN_COMPRESSORS = """
+    import torch
+    from torch import nn
+
+    from specprune.compress.quantize import fake_quantize_
+
+    class HalfRTN:  # a real quantizer unlike the built-in one: halves W, then rounds to nearest
+        name = "half-rtn"
+        kind = "quantize"
+        needs_covariance = False
+
+        def apply(self, layer, layer_plan, covariance=None):
+            with torch.no_grad():
+                layer.module.weight.mul_(0.5)
+            fake_quantize_(layer.module, layer_plan.bits, layer_plan.group_size)
+
+    class NoRecord:  # rounds in place but leaves no QuantRecord
+        name = "no-record"
+        kind = "quantize"
+        needs_covariance = False
+
+        def apply(self, layer, layer_plan, covariance=None):
+            with torch.no_grad():
+                layer.module.weight.copy_((layer.module.weight * 8).round() / 8)
+
+    class DenseLowRank:  # low_rank, but writes the truncation back in place
+        name = "dense-lr"
+        kind = "prune"
+        low_rank = True
+        needs_covariance = False
+
+        def apply(self, layer, layer_plan, covariance=None):
+            w = layer.module.weight.detach()
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            k = layer_plan.rank
+            with torch.no_grad():
+                layer.module.weight.copy_((u[:, :k] * s[:k]) @ vh[:k])
+
+    class SequentialLowRank:  # returns a replacement module that load cannot rebuild
+        name = "seq-lr"
+        kind = "prune"
+        low_rank = True
+        needs_covariance = False
+
+        def apply(self, layer, layer_plan, covariance=None):
+            m = layer.module
+            return nn.Sequential(nn.Linear(m.in_features, layer_plan.rank, bias=False),
+                                 nn.Linear(layer_plan.rank, m.out_features))
+"""
+
+
+@pytest.fixture
+def plugin_compressors(site):
+    site.install("fakeplug-comp", "1.0", {"specprune.compressors": {
+        "half-rtn": "fakeplug_comp:HalfRTN", "no-record": "fakeplug_comp:NoRecord",
+        "dense-lr": "fakeplug_comp:DenseLowRank", "seq-lr": "fakeplug_comp:SequentialLowRank"}},
+        {"fakeplug_comp": PLUGIN_COMPRESSORS})
+    registry.clear_cache()
+
+
+def _mlp():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+
+
+def _plan0(**layer):
+    from specprune.plan import LayerPlan
+
+    return _plan({"0": LayerPlan(**layer)})
+
+
+def test_a_plan_is_reapplied_with_the_quantizer_it_records(plugin_compressors):
+    import torch
+
+    from specprune.compress.apply import apply_
+    from specprune.errors import InputError
+    from specprune.plan import Plan
+
+    first, plan = _mlp(), _plan0(bits=4)
+    apply_(first, plan, quantizer="half-rtn")
+    assert plan.details["quantizer"] == "half-rtn"
+    again = _mlp()
+    apply_(again, Plan.from_dict(plan.to_dict()))  # no quantizer given: the recorded one
+    assert torch.equal(again[0].weight, first[0].weight)
+    rtn, replan = _mlp(), Plan.from_dict(plan.to_dict())
+    apply_(rtn, replan, quantizer="rtn")  # asked for explicitly: used, and recorded (no entry = rtn)
+    assert not torch.equal(rtn[0].weight, first[0].weight) and "quantizer" not in replan.details
+    missing = Plan.from_dict(dict(plan.to_dict(), details={"quantizer": "gone-q"}))
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=r"quantized with 'gone-q' \(details.quantizer\), which is not installed"):
+        apply_(model, missing)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_quantizer_that_leaves_no_record_breaks_the_protocol(plugin_compressors):
+    import torch
+
+    from specprune.compress.apply import apply_
+
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SpecpruneError, match=r"'no-record' \(fakeplug-comp\) does not follow the compressor "
+                                             r"protocol: apply\(\) on layer 0 left no QuantRecord"):
+        apply_(model, _plan0(bits=3), quantizer="no-record")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # rolled back
+
+
+def test_a_low_rank_layer_kept_dense_is_sized_dense_and_a_foreign_replacement_is_not_saved(
+        plugin_compressors, tmp_path):
+    from specprune.compress.apply import apply_
+    from specprune.compress.saved import save_compressed
+    from specprune.errors import InputError
+
+    dense, plan = _mlp(), _plan0(method="dense-lr", rank=4)
+    apply_(dense, plan)
+    assert plan.size["params_after"] == plan.size["params_before"]  # truncated in place: nothing saved
+    factored, fplan = _mlp(), _plan0(method="spectral", rank=4)
+    with pytest.warns(UserWarning, match="plain SVD"):  # no covariance given: Σ = I
+        apply_(factored, fplan)
+    assert fplan.size["params_after"] == fplan.size["params_before"] - 32 * 32 + 4 * 64
+    seq, splan = _mlp(), _plan0(method="seq-lr", rank=4)
+    apply_(seq, splan)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputError, match="layer 0 was replaced by a Sequential, which specprune cannot rebuild"):
+        save_compressed(seq, splan, out)
+    assert list(out.iterdir()) == []

@@ -25,7 +25,8 @@ The pruning error of a layer is exact from Σ: with ΔW = Ŵ − W (minus the pr
 
     E‖ΔW x‖² = tr(ΔW Σ ΔWᵀ) = Σ_k λ_k ‖ΔW u_k‖²,
 
-which :func:`wanda_distortion` computes and :meth:`WandaPruner.candidate_delta` feeds to the recommender.
+which :func:`wanda_distortion` computes; :meth:`WandaPruner.candidate_delta` gives the ΔW of a rate for
+such scoring by hand (specprune's recommender scores only its built-in methods).
 """
 
 from __future__ import annotations
