@@ -76,7 +76,10 @@ def source_model(analysis: Analysis, what: str = "the analysis", arch=None, trus
     there are no longer those the analysis saw (fingerprints differ)."""
     src = analysis.model.get("source")
     if not src or not Path(src).exists():
-        raise InputError(f"{what} names source model {src!r}, which is not found: pass the model")
+        in_memory = src == analysis.model.get("architecture")  # analyze(model) without source=: no path
+        raise InputError(f"{what} was made on an in-memory model ({src}), which only you hold: pass it "
+                         "(recommend(analysis, tolerance, model=...)), or analyze with source=PATH"
+                         if in_memory else f"{what} names source model {src!r}, which is not found: pass the model")
     loaded = load_model(src, arch=arch, trust_remote_code=trust)
     if other_weights(analysis.model.get("fingerprint"), loaded.model):
         raise InputError(f"{what} was made for other weights than those now at {src} "

@@ -36,9 +36,9 @@ def _value_problem(err) -> str:
 
 
 def usage_error_line(err) -> tuple[str, int]:
-    """A parser error as one line and its exit code: a value that cannot be converted is a bad input
-    (exit 1, the contract); an unknown option, a missing argument or option, or any other misuse of
-    the command line keeps click's exit 2."""
+    """A parser error as one line and its exit code: a value that cannot be converted, or an extra
+    argument, is a bad input (exit 1, the contract); an unknown option or command, a missing argument or
+    option, or any other misuse of the command line keeps click's exit 2."""
     hint = getattr(err, "param_hint", None)
     if hint is None and getattr(err, "param", None) is not None:
         hint = err.param.get_error_hint()
@@ -50,10 +50,14 @@ def usage_error_line(err) -> tuple[str, int]:
         where = f"invalid value for {hint}" if hint else "invalid value"
         return f"{where}: {_value_problem(err)}", 1
     msg = err.format_message().rstrip(".")
+    # an extra positional argument is bad input, not an unknown option or a missing one: exit 1
+    code = 1 if msg.startswith("Got unexpected extra argument") else err.exit_code
     ctx = getattr(err, "ctx", None)
+    if not msg and ctx is not None and isinstance(ctx.command, TyperGroup):  # a group called without a command
+        msg = f"missing command: one of {', '.join(sorted(ctx.command.list_commands(ctx)))}"
     if ctx is not None:
         msg += f" (see '{ctx.command_path} --help')"
-    return msg, err.exit_code
+    return msg, code
 
 
 class SpecpruneGroup(TyperGroup):

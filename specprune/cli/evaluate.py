@@ -166,6 +166,11 @@ def evaluate_cmd(
     ev.plan = plan_path
     if the_plan is not None:
         ev.size = the_plan.size
+    else:  # no plan: the model as it is, before = after
+        from ..compress.apply import plan_size
+        from ..plan import Plan
+
+        ev.size = plan_size(loaded.model, Plan(model={}, tolerance=0.0, metric=evaluator.metric, layers={}))
     ev.seconds = time.perf_counter() - t0
     ev.extra["eval_windows"] = batches.samples
     for key in STABLE_KEYS:  # the same keys with or without --reference, a plan or notes (null: not applicable)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -80,10 +81,18 @@ def render_plan(doc: dict) -> None:
                         f"{s['params_after']:,}")
 
 
+def plan_file(out: str) -> Path:
+    """``--out``: a directory (one that exists, or a path ending in a separator) gets ``plan.json`` inside."""
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / "plan.json"
+    return Path(out)
+
+
 def recommend_cmd(
     target: Annotated[str, typer.Argument(help="An analysis directory (from analyze) or a model.")],
     tolerance: ToleranceOpt = 0.02,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write plan.json.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Where to write plan.json (a file, or a directory: "
+                                               "a path ending in '/', or an existing one with --overwrite).")] = None,
     data: DataOpt = None,
     methods: MethodsOpt = "prune,quantize",
     bits_choices: BitsChoicesOpt = "2,3,4,5,6,8",
@@ -127,6 +136,8 @@ def recommend_cmd(
     spec = DataSpec(data, None, samples, seq_len, batch_size, seed)
     inputs = [target, *(data or [])]
     if out is not None:
+        check_output_path(Path(out), inputs, overwrite)  # as evaluate: an existing --out needs --overwrite
+        out = plan_file(out)
         check_output_path(out, inputs, overwrite)
     check = None
     if sensitivity == "gradient" and data:  # refused before the analysis, not after it

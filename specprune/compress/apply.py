@@ -478,6 +478,9 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
                 if lp.rank is None:
                     if lp.prune_rate and lp.prune_rate > 0:
                         lp.rank = rank_for_rate(t.d_in, t.d_out, float(lp.prune_rate))
+                        if can_factorize(t.module) and factorization_saves(t.d_in, t.d_out, lp.rank):
+                            # the rank removes at least the rate asked for: record what it removes
+                            lp.prune_rate = prune_rate_for_rank(t.d_in, t.d_out, lp.rank)
                 else:
                     if lp.rank > t.d_in:
                         raise InputError(f"plan layer {name}: rank {lp.rank} exceeds d_in = {t.d_in}")
