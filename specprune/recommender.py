@@ -588,8 +588,12 @@ class Recommender:
             if closest is None or measured < closest[2]:
                 closest = last
             # a plan meets the target when its measurement does by one standard error: on few or noisy
-            # windows (a loss on a small model) a measurement just under the target is no evidence
+            # windows (a loss on a small model) a measurement just under the target is no evidence; and
+            # when the measurement will not be its prediction (it does not stand out of zero: a loss that
+            # fell), the maps' prediction it keeps must be within the tolerance too
             bound = measured + _se(stderr)
+            if not _claim_within(history[-1]["predicted"], measured, stderr, tolerance):
+                bound = max(bound, target * history[-1]["predicted"] / tolerance)
             if bound <= target:
                 if accepted is None or size < accepted[0]:
                     accepted = (size, choice, measured, stderr)
@@ -611,9 +615,9 @@ class Recommender:
         # than one of them that already met the target on the same windows — when the maps do not rule
         # it out (a measurement below the windows' noise, e.g. a loss that fell, is no evidence that a
         # setting predicted far above the target meets it)
-        plausible = target * math.exp(2.0 * max(self.cmap.sigma, self.rmap.sigma))
         for label, u_size, u_choice, u_measured, u_stderr in (self.measured_uniform if verify else ()):
-            if u_measured + _se(u_stderr) <= target and self.predict(u_choice) <= plausible \
+            if u_measured + _se(u_stderr) <= target and _claim_within(self.predict(u_choice), u_measured, u_stderr,
+                                                                        tolerance) \
                     and (accepted is None or u_size < accepted[0]):
                 accepted = (u_size, u_choice, u_measured, u_stderr)
                 chosen = label
@@ -629,7 +633,7 @@ class Recommender:
         model_prediction = pred
         uncertainty = self.uncertainty(pred)
         se = stderr if stderr is not None and math.isfinite(stderr) else 0.0
-        if measured is not None and measured > 2.0 * se and measured > 0 and pred > 0:
+        if measured is not None and _stands_out(measured, stderr) and pred > 0:
             # the verified plan: its measurement on calibration windows is the calibrated prediction,
             # uncertain by its sampling error (2 standard errors) and at least 15%
             for lp in plan_layers.values():
@@ -682,6 +686,20 @@ class Recommender:
         total = self.cmap(q) + self.rmap(r)
         return {"excess": IN_SAMPLE_EXCESS * ratio, "max_d_in_over_tokens": ratio,
                 "truncation_share": float(self.rmap(r) / total) if total > 0 else 1.0}
+
+
+def _stands_out(measured: float, stderr: float | None) -> bool:
+    """Whether a verification measurement is a positive delta clear of its sampling error (2 standard
+    errors): it then becomes the plan's prediction (:meth:`Recommender.plan`)."""
+    se = stderr if stderr is not None and math.isfinite(stderr) else 0.0
+    return measured > 2.0 * se and measured > 0
+
+
+def _claim_within(predicted: float, measured: float, stderr: float | None, tolerance: float) -> bool:
+    """Whether the delta a plan will state is within ``tolerance``: its measurement when that stands out of
+    zero, else the maps' prediction (a measurement below its noise, or a loss that fell, is no evidence that a
+    setting predicted above the tolerance meets it)."""
+    return _stands_out(measured, stderr) or predicted <= tolerance
 
 
 def recommend(analysis, tolerance: float, model: nn.Module | None = None, data=None, *,
