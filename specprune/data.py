@@ -9,8 +9,10 @@ Tensor files (``.pt``/``.safetensors`` holding ``input`` and optional ``labels``
 ``.npy`` array) serve non-text models; from Python any iterable of batches (tensors or dicts
 of tensors) works. A batch is always a dict; ``attention_mask`` marks the positions that
 count (padding is masked and never enters a covariance or a metric). Tokens are counted as the
-positions a sequence model sees: ``input_ids`` (or a 3-D ``input``, samples × positions × features)
-counts samples × positions, any other ``input`` (features, images) one per sample.
+positions a sequence model sees: ``input_ids`` or ``inputs_embeds`` (or a 3-D ``input``, samples ×
+positions × features) count samples × positions, any other input (features, images) one per sample.
+How a batch reaches the model (keys as keyword arguments, ``labels`` kept for the metrics, decoder
+inputs for encoder-decoder models) is described in :func:`model_arguments` and :func:`forward`.
 """
 
 from __future__ import annotations
@@ -58,13 +60,24 @@ class Batches:
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    if "attention_mask" in batch:
+    """Positions that count in one batch (see the module docstring): the attention mask's sum, else
+    samples × positions of token inputs, else one per sample of the first input tensor."""
+    if isinstance(batch.get("attention_mask"), torch.Tensor):
         return int(batch["attention_mask"].sum())
-    x = batch.get("input_ids", batch.get("input"))
-    if x is None:
-        return 0
-    per = x.shape[1] if ("input_ids" in batch and x.dim() > 1) or x.dim() == 3 else 1
-    return int(x.shape[0] * per)
+    for key in ("input_ids", "inputs_embeds", "input"):
+        x = batch.get(key)
+        if isinstance(x, torch.Tensor):
+            sequence = (key == "input_ids" and x.dim() > 1) or (key == "inputs_embeds" and x.dim() == 3) \
+                or (key == "input" and x.dim() == 3)
+            return int(x.shape[0] * (x.shape[1] if sequence else 1)) if x.dim() else 1
+    x = _first_input(batch)
+    return int(x.shape[0]) if x is not None and x.dim() else 0
+
+
+def _first_input(batch: dict) -> torch.Tensor | None:
+    """The first tensor of a batch that the model reads (not its labels or a mask), for counts and messages."""
+    return next((v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"
+                 and not k.endswith("mask")), None)
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -367,9 +380,6 @@ def from_iterable(data: Iterable[Any], seed: int = 0) -> Batches:
     return Batches(batches, samples, seq, seed, ["<python iterable>"])
 
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
-
-
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -403,9 +413,11 @@ def _origin(batch: dict) -> str | None:
     return entry[1] if entry is not None and entry[0]() is base else None
 
 
-def _signature(batch: dict) -> tuple:
-    return tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in batch.items()
-                        if isinstance(v, torch.Tensor) and (k == "input" or k in MODEL_INPUT_KEYS)))
+def _signature(batch: dict, labels: bool = False) -> tuple:
+    """The input layout of a batch: every key the model may be given, with its per-sample shape and dtype
+    (``labels`` only when they are given to the model)."""
+    return tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) if isinstance(v, torch.Tensor) else
+                        (k, type(v).__name__, "") for k, v in batch.items() if k != "labels" or labels))
 
 
 def position_limit(model) -> tuple[int, str] | None:
@@ -432,9 +444,6 @@ def _short(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-FLOAT_INPUT_KEYS = ("input", "pixel_values")
-
-
 def _model_float_dtype(model) -> torch.dtype | None:
     params = getattr(model, "parameters", None)
     if params is None:
@@ -445,6 +454,13 @@ def _model_float_dtype(model) -> torch.dtype | None:
         return None
 
 
+def _is_float_input(key: str, value) -> bool:
+    """Floating data the model reads: every floating tensor but ``labels`` (the metric's, compared in
+    float32) and masks (``attention_mask``, ``decoder_attention_mask``: which positions count)."""
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and key != "labels" \
+        and not key.endswith("mask")
+
+
 def _as_model_dtype(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Real floating data in another floating dtype than the model's weights (numpy's float64 arrays
     for a float32 model, float32 data for a bfloat16 one) is cast to the weights' dtype, as a copy; token
@@ -452,22 +468,136 @@ def _as_model_dtype(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Te
     want = _model_float_dtype(model)
     if want is None:
         return batch
-    if not any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != want
-               for k, v in batch.items() if k in FLOAT_INPUT_KEYS):
+    if not any(_is_float_input(k, v) and v.dtype != want for k, v in batch.items()):
         return batch
-    return {k: (v.to(want) if k in FLOAT_INPUT_KEYS and isinstance(v, torch.Tensor) and v.is_floating_point()
-                else v) for k, v in batch.items()}
+    return {k: (v.to(want) if _is_float_input(k, v) else v) for k, v in batch.items()}
 
 
-def _call(model, batch: dict[str, torch.Tensor]):
-    if "input" in batch:
-        return model(batch["input"])
-    kwargs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
-    return model(**kwargs)
+@dataclass(frozen=True)
+class _Parameters:
+    """What a model's ``forward`` takes: its parameter names, whether it takes any keyword (``**kwargs``)
+    and the name of its first positional parameter (where an ``input`` tensor goes)."""
+
+    names: frozenset
+    any_keyword: bool
+    first: str | None
 
 
-def forward(model, batch: dict[str, torch.Tensor], device=None):
-    """Run the model on a batch: HF-style keyword inputs, else the ``input`` tensor positionally.
+def _parameters(model) -> _Parameters | None:
+    """The parameters of ``model.forward`` (of the callable itself when it is not a module); None when
+    they cannot be read (a builtin): every key is then passed and the call decides."""
+    import inspect
+
+    from .models import unwrap
+
+    model = unwrap(model)  # DataParallel / torch.compile pass every argument on to the module inside
+    fn = getattr(model, "forward", model) if isinstance(model, torch.nn.Module) else model
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kw = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return _Parameters(frozenset(p.name for p in params if p.kind in kw),
+                       any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params),
+                       next((p.name for p in params if p.kind in positional), None))
+
+
+def takes_labels(model) -> bool:
+    """True when the model's forward names a ``labels`` parameter (a Hugging Face task head, a module
+    that computes its own loss): only such a model is given the batch's labels (see :func:`model_arguments`)."""
+    params = _parameters(model)
+    return params is not None and "labels" in params.names
+
+
+def model_arguments(model, batch: dict, labels: bool = False, where: str = "the data") -> tuple[tuple, dict]:
+    """The positional and keyword arguments ``model`` is called with for ``batch``.
+
+    An ``input`` tensor (tensor files, plain tensors and ``(input, labels)`` tuples from Python) goes
+    first, positionally; every other key goes as a keyword argument of the same name — the way Hugging
+    Face models take ``input_ids``, ``pixel_values``, ``decoder_input_ids``, ``inputs_embeds`` or
+    ``input_features``, and a ``forward(x, y)`` takes a batch ``{"x": ..., "y": ...}``. A forward with
+    ``**kwargs`` takes every key. Two keys are special:
+
+    * ``labels`` belong to the metrics and are given to the model only with ``labels=True`` (the
+      task-loss metric) and when its forward names a ``labels`` parameter (:func:`takes_labels`);
+    * ``attention_mask`` is specprune's own record of the positions that count (padding never enters a
+      covariance or a metric): it is given to a forward that takes it and otherwise kept for that use
+      only, so a module without a mask parameter still runs on padded batches.
+
+    Any other key the forward cannot take is refused, with one line naming it: dropping data silently
+    would measure the model on other inputs than the user gave (``where`` names the data in that line)."""
+    params = _parameters(model)
+    args = (batch["input"],) if "input" in batch else ()
+    kwargs = {}
+    unknown = []
+    for k, v in batch.items():
+        if k == "input":
+            continue
+        if k == "labels":
+            if labels and params is not None and "labels" in params.names:
+                kwargs[k] = v
+            continue
+        if params is None or params.any_keyword or k in params.names:
+            kwargs[k] = v
+        elif k != "attention_mask":
+            unknown.append(k)
+    if unknown and params is not None:
+        names = sorted(params.names - ({params.first} if args else set()))
+        takes = f"its parameters are {', '.join(names)}" if names else "it takes no keyword arguments"
+        what = "key" if len(unknown) == 1 else "keys"
+        raise InputError(f"{where} has the batch {what} {', '.join(map(repr, unknown))}, which "
+                         f"{type(model).__name__}.forward does not take ({takes}): name the batch keys after "
+                         "the forward's parameters, or leave the others out")
+    return args, kwargs
+
+
+def _call(model, batch: dict[str, torch.Tensor], labels: bool = False):
+    args, kwargs = model_arguments(model, batch, labels)
+    return model(*args, **kwargs)
+
+
+DECODER_INPUT_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _with_decoder_inputs(model, batch: dict) -> dict:
+    """For a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART, Marian,
+    Whisper, …) a batch without decoder inputs gets ``decoder_input_ids`` made the way the model makes
+    them from ``labels`` when it trains: its own right shift (``prepare_decoder_input_ids_from_labels``,
+    T5's ``_shift_right``: the decoder start token, then the sequence less its last token). The sequence
+    shifted is the batch's 2-D integer ``labels`` when it has them (the targets the task-loss metric
+    scores, so calibration sees the same decoder inputs), else its token ids (``input_ids`` or an integer
+    ``input``): the decoder then reads the same text the encoder reads, teacher-forced, and its logits
+    at each position predict that position's token. A model without such a shift method is left to make
+    its own (BART derives them from ``input_ids``). The batch itself is not modified."""
+    from .models import is_encoder_decoder, unwrap
+
+    inner = unwrap(model)
+    if not is_encoder_decoder(inner) or any(k in batch for k in DECODER_INPUT_KEYS):
+        return batch
+    source = None
+    for key in ("labels", "input_ids", "input"):
+        v = batch.get(key)
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point() and not v.is_complex():
+            source = v
+            break
+    prepare = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+    shift_right = getattr(inner, "_shift_right", None)
+    if source is None or not (callable(prepare) or callable(shift_right)):
+        return batch
+    try:
+        dec = prepare(labels=source) if callable(prepare) else shift_right(source)
+    except (ValueError, RuntimeError, TypeError, AttributeError) as err:
+        raise InputError(f"cannot make decoder inputs for the encoder-decoder model {type(inner).__name__} "
+                         f"from its token ids ({type(err).__name__}: {_short(err)}): give decoder_input_ids "
+                         "(or labels) in each batch") from None
+    return {**batch, "decoder_input_ids": dec}
+
+
+def forward(model, batch: dict[str, torch.Tensor], device=None, *, labels: bool = False):
+    """Run the model on a batch: an ``input`` tensor positionally, every other key as a keyword argument
+    (:func:`model_arguments`; ``labels`` too with ``labels=True``, for the task-loss metric), and decoder
+    inputs made for encoder-decoder models that have none (:func:`_with_decoder_inputs`).
 
     The first batch of each input layout is checked: token windows longer than the model's learned
     position embeddings, or data the model cannot take (wrong shape, wrong kind), fail with one line
@@ -476,30 +606,36 @@ def forward(model, batch: dict[str, torch.Tensor], device=None):
     origin_batch = batch
     if device is not None:
         batch = to_device(batch, device)
-    batch = _as_model_dtype(model, batch)
+    batch = _with_decoder_inputs(model, _as_model_dtype(model, batch))
     try:
         seen = _FITTED.setdefault(model, set())
     except TypeError:  # a callable that cannot be weakly referenced: run unchecked
-        return _call(model, batch)
-    sig = _signature(batch)
+        return _call(model, batch, labels)
+    sig = _signature(batch, labels)
     if sig in seen:
-        return _call(model, batch)
+        return _call(model, batch, labels)
     ids = batch.get("input_ids")
     limit = position_limit(model)
     if isinstance(ids, torch.Tensor) and ids.dim() == 2 and limit is not None and ids.shape[1] > limit[0]:
         raise InputError(f"windows of {ids.shape[1]} tokens are longer than the model accepts ({limit[0]} "
                          f"positions, {limit[1]} in its config): pass --seq-len {limit[0]} or less")
+    origin = _origin(origin_batch)
+    where = f"the data in {origin}" if origin else "the data"
+    args, kwargs = model_arguments(model, batch, labels, where)  # keys the model cannot take: refused here
     try:
-        out = _call(model, batch)
+        out = model(*args, **kwargs)
     except (RuntimeError, IndexError, ValueError, TypeError, AttributeError) as err:
         if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err):
             raise
-        origin = _origin(origin_batch)
-        where = f"the data in {origin}" if origin else "the data"
-        x = batch.get("input", batch.get("input_ids"))
+        x = batch.get("input", batch.get("input_ids", _first_input(batch)))
         shape = f" (a batch of shape {tuple(x.shape)})" if isinstance(x, torch.Tensor) else ""
         why = f"{type(err).__name__}: {_short(err)}"
-        raise InputError(f"{where}{shape} does not fit the model: {why}") from err
+        from .models import is_encoder_decoder, unwrap
+
+        hint = ""
+        if is_encoder_decoder(unwrap(model)) and not any(k in batch for k in DECODER_INPUT_KEYS):
+            hint = " (an encoder-decoder model needs decoder inputs: give decoder_input_ids or labels in each batch)"
+        raise InputError(f"{where}{shape} does not fit the model: {why}{hint}") from err
     seen.add(sig)
     return out
 

@@ -1,12 +1,18 @@
 """Metrics and measured deltas (contract: "Metric and tolerance").
 
 * ``lm-loss`` — causal LMs: mean next-token cross-entropy over counted positions;
-  delta = (L̃ − L)/L.
+  delta = (L̃ − L)/L. Encoder-decoder models are refused: their decoder has no next-token loss
+  on the input text (its logits at a position predict that position's token).
 * ``task-loss`` — batches with ``labels``: the model's own loss when it returns one, else
   cross-entropy (integer labels) or MSE (float labels) on the output; delta = (L̃ − L)/L.
+  For an encoder-decoder model: its teacher-forced cross-entropy of the labels.
 * ``output-mse`` — anything else: Σ‖f̃(x) − f(x)‖² / Σ‖f(x)‖² over all counted positions
   (ratio of sums, masked by the attention mask), f = ``logits`` if present, else
-  ``last_hidden_state``, else the first tensor of the output.
+  ``last_hidden_state``, else the first tensor of the output. For an encoder-decoder model f is
+  the decoder's logits with decoder inputs made from the same text (the model's own right shift,
+  see :func:`specprune.data.forward`): the change of its teacher-forced predictions of that text.
+
+Every metric feeds batches the same way (:func:`specprune.data.forward`); task-loss adds the labels.
 * ``module:callable`` or a registered metric plugin — ``fn(model, batch, device) -> (sum, count)``; delta = relative change
   of the mean.
 
@@ -26,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Batches, forward, to_device
+from .data import Batches, forward, takes_labels, to_device
 from .distributed import all_reduce_scalars, shard
 from .errors import InputError
 from .models import eval_mode
@@ -61,7 +67,7 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 def resolve_metric(name: str, model: nn.Module, batches: Batches) -> str:
     """``auto`` → lm-loss for causal LMs, task-loss when batches carry labels, else output-mse."""
-    from .models import is_causal_lm
+    from .models import is_causal_lm, is_encoder_decoder
 
     name = (name or "auto").strip()
     if name == "auto":
@@ -72,6 +78,10 @@ def resolve_metric(name: str, model: nn.Module, batches: Batches) -> str:
         return "output-mse"
     if name == "lm-loss" and "input_ids" not in batches.batches[0]:
         raise InputError("--metric lm-loss needs token data (input_ids)")
+    if name == "lm-loss" and is_encoder_decoder(model):
+        raise InputError(f"--metric lm-loss is the next-token loss of a causal language model, and "
+                         f"{type(model).__name__} is an encoder-decoder model: use --metric output-mse (its "
+                         "decoder's logits, teacher-forced on the same text) or task-loss with labelled data")
     if name == "lm-loss" and not is_causal_lm(model) and lm_head_missing(model):
         raise InputError(f"--metric lm-loss needs a causal language model (next-token logits), and "
                          f"{type(model).__name__} has no language-model head: use --metric output-mse with "
@@ -122,18 +132,21 @@ def _lm_loss_sum(model, batch, device) -> tuple[float, int]:
 
 
 def _task_loss_sum(model, batch, device) -> tuple[float, int]:
+    """The task loss of one labelled batch, as (sum, count). The batch reaches the model as in every
+    other metric (:func:`specprune.data.forward`: its keys, the dtype cast, one line when it does not
+    fit), and the labels too when the forward takes them (:func:`specprune.data.takes_labels`): the loss
+    the model returns is then used (mean × samples; for an encoder-decoder model its teacher-forced
+    cross-entropy of the labels, decoder inputs being the labels shifted right). Otherwise the output is
+    scored: cross-entropy for integer labels, MSE for floating ones."""
     b = to_device(batch, device)
     labels = b["labels"]
-    if "input" not in b:
-        out = model(**{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids",
-                                                          "labels")})
-        loss = getattr(out, "loss", None)
-        if isinstance(loss, torch.Tensor):
+    out = forward(model, b, labels=True)
+    if takes_labels(model):
+        loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             n = int(labels.shape[0])
             return float(loss.double()) * n, n
-        pred = output_tensor(out)
-    else:
-        pred = output_tensor(model(b["input"]))
+    pred = output_tensor(out)
     pred = pred.float()
     try:
         if labels.dtype in (torch.long, torch.int, torch.int32, torch.int64):

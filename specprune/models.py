@@ -61,6 +61,12 @@ def is_causal_lm(model: nn.Module) -> bool:
         a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs if a == name)
 
 
+def is_encoder_decoder(model) -> bool:
+    """True for a Hugging Face encoder-decoder model (T5, BART, Marian, Whisper: ``config.is_encoder_decoder``),
+    whose decoder needs inputs of its own (see :func:`specprune.data.forward`)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def import_callable(spec: str, option: str = "--arch"):
     """Import ``module:callable`` named explicitly by the user (``option``: the flag that named it, for
     the messages — ``--arch``, ``--metric``)."""
