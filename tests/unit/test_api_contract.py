@@ -63,7 +63,7 @@ def test_recommend_without_a_model_reads_the_analysis_source(tiny_dirs, small_te
     assert plan.predicted_delta == pytest.approx(
         specprune.recommend(analysis, 0.05, model=loaded.model, data=calib).predicted_delta, rel=1e-9)
     nowhere = specprune.analyze(loaded.model, calib)  # source: the class name, not a path
-    with pytest.raises(InputError, match="names source model 'BertModel', which is not found: pass the model"):
+    with pytest.raises(InputError, match=r"made on an in-memory model \(BertModel\), which only you hold: pass it"):
         specprune.recommend(nowhere, 0.05, data=calib)
     with pytest.raises(InputError, match="--tolerance must be a number > 0, got '5%'"):
         specprune.recommend(analysis, "5%", data=calib)
