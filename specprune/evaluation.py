@@ -99,6 +99,17 @@ def check_metric(name: str) -> None:
     name = (name or "auto").strip()
     if name not in METRICS:
         metric_function(name)
+    else:
+        check_builtin_metric(name)
+
+
+def check_builtin_metric(name: str) -> None:
+    """A built-in metric name that a plugin also registers is an error where it is used, as for every kind
+    of plugin (``registry.get`` names both packages); ``auto`` is no registration."""
+    from . import registry
+
+    if name != "auto":
+        registry.get("metrics", name)
 
 
 def lm_head_missing(model: nn.Module) -> bool:
@@ -375,6 +386,8 @@ class Evaluator:
         self._custom: Callable | None = None
         if self.metric not in METRICS:
             self._custom = metric_function(self.metric)
+        else:
+            check_builtin_metric(self.metric)
         self._ref_outputs: list[torch.Tensor] = []
         self.last_stderr: float = float("nan")
         with torch.inference_mode(), eval_mode(reference):  # no dropout; the caller's modes come back

@@ -756,3 +756,22 @@ def test_a_low_rank_layer_kept_dense_is_sized_dense_and_a_foreign_replacement_is
     with pytest.raises(InputError, match="layer 0 was replaced by a Sequential, which specprune cannot rebuild"):
         save_compressed(seq, splan, out)
     assert list(out.iterdir()) == []
+
+
+def test_a_plugin_shadowing_a_built_in_metric_makes_that_name_an_error(site):
+    import torch
+    from torch import nn
+
+    from specprune.data import from_iterable
+    from specprune.evaluation import Evaluator, check_metric
+
+    site.install("fakeplug-shadows", "1.0", {"specprune.metrics": {
+        "lm-loss": "fakeplug_shadows:metric", "output-mse": "fakeplug_shadows:metric"}},
+        {"fakeplug_shadows": "def metric(model, batch, device=None):\n    return 1.0, 1\n"})
+    registry.clear_cache()
+    with pytest.raises(SpecpruneError, match="metrics plugin 'lm-loss' is registered by both specprune"):
+        check_metric("lm-loss")
+    check_metric("task-loss")  # the other names stay usable
+    model = nn.Linear(4, 2)
+    with pytest.raises(SpecpruneError, match="metrics plugin 'output-mse' is registered by both"):
+        Evaluator(model, from_iterable([torch.randn(3, 4)]), metric="output-mse")
