@@ -282,6 +282,10 @@ def _load_model(source, arch: str | None, trust_remote_code: bool, dtype: torch.
             return load_saved(path, arch=arch)
         if (path / "config.json").exists():
             return _load_hf(path, trust_remote_code, dtype, device_map)
+        if (path / "series.json").exists():  # analyze's output for several checkpoints
+            subs = sorted(p.name for p in path.iterdir() if (p / "analysis.json").exists())
+            raise InputError(f"{source} holds a series of {len(subs)} analyses (series.json), not one model: pass one "
+                             f"of its directories, e.g. {Path(source) / subs[0] if subs else source}")
         raise InputError(f"{source} is not a model directory (no config.json or specprune.json)")
     if path.suffix not in STATE_DICT_SUFFIXES:
         raise InputError(f"unsupported model file {source}: expected a HF directory, "

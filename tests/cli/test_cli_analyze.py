@@ -75,6 +75,11 @@ def test_analyze_series_writes_one_analysis_per_checkpoint(tiny_dirs, small_text
     assert [s["dir"] for s in series] == ["000-bert", "001-llama"]
     for s in series:
         assert (out / s["dir"] / "analysis.json").is_file()
+    # the series directory is not one model: recommend says which directories to pass
+    code, _, err = _run(["recommend", str(out), "--tolerance", "0.05"])
+    assert code == 1
+    assert f"holds a series of 2 analyses (series.json), not one model: pass one of its directories, e.g. " \
+           f"{out / '000-bert'}" in err
 
 
 def test_analyze_human_table_lists_layers(tiny_dirs, small_text_file):
