@@ -82,7 +82,7 @@ def choose_solver(d: int, solver: str = "auto", top_k: int | None = None,
     if solver not in ("auto", "full", "randomized"):
         raise InputError(f"solver must be auto, full or randomized, got {solver!r}")
     if top_k is not None and top_k < 1:
-        raise InputError(f"--top-k must be ≥ 1, got {top_k}")
+        raise InputError(f"--top-k (top_k) must be ≥ 1, got {top_k}")
     use = solver == "randomized" or (solver == "auto" and d >= threshold)
     if not use:
         return "full", d

@@ -20,9 +20,19 @@ EPILOG = """Examples:
 """
 
 
-def _step_of(path: str, index: int) -> int:
-    nums = re.findall(r"\d+", Path(path).name)
-    return int(nums[-1]) if nums else index
+def series_steps(models: list[str]) -> tuple[list[int], str | None]:
+    """The training step of each checkpoint of a series: the largest number in its directory or file name
+    (``checkpoint-1500``, ``step_2000_seed3``), when every name has one and no two are equal; else their
+    order 0, 1, 2, … for all of them, with a warning naming why (never a mix of parsed steps and positions)."""
+    parsed = [max(map(int, nums)) if (nums := re.findall(r"\d+", Path(m).name)) else None for m in models]
+    missing = [m for m, step in zip(models, parsed) if step is None]
+    repeated = sorted({step for step in parsed if step is not None and parsed.count(step) > 1})
+    if not missing and not repeated:
+        return parsed, None
+    why = (f"{missing[0]} has no step number in its name" if missing
+           else f"step {repeated[0]} appears in more than one checkpoint name")
+    return list(range(len(models))), (f"the series' steps are the checkpoints' order 0..{len(models) - 1} ({why}): "
+                                       "name them by step (e.g. checkpoint-1500) for k* against training time")
 
 
 def render_analysis(doc: dict) -> None:
@@ -141,9 +151,17 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
                             f"{batches.samples}")
         if (sampled := sampling_note(res)) is not None:
             ctx.info(sampled)
+        elif scale.get("token_sample") is not None:
+            from ..probe import SAMPLE_MIN_WIDTH
+
+            warnings.append(f"{who}--token-sample {scale['token_sample']} sampled nothing: no input is "
+                            f"{SAMPLE_MIN_WIDTH} or more wide, so every token entered the covariances")
         note = undersampled_note(res)
         if note:
             warnings.append(who + note)
+    steps, steps_note = series_steps(models) if len(models) > 1 else ([0], None)
+    if steps_note:
+        warnings.append(steps_note)
     for w in warnings:
         ctx.warn(w)
     docs = [r.to_dict() for _, r in results]
@@ -158,7 +176,7 @@ def run_analyze(models, data, out, samples, seq_len, batch_size, seed, include, 
                 for i, (m, r) in enumerate(results):
                     sub = f"{i:03d}-{Path(m).name}"
                     r.save(tmp / sub)
-                    series.append({"model": str(m), "dir": sub, "step": _step_of(str(m), i)})
+                    series.append({"model": str(m), "dir": sub, "step": steps[i]})
                 from ..io import dumps
 
                 (tmp / "series.json").write_text(dumps({"series": series}), encoding="utf-8")

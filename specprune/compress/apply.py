@@ -174,12 +174,13 @@ def _size_terms(model: nn.Module, plan: Plan) -> tuple[dict, dict[str, dict[bool
     seen: set[int] = set()
     params_before = bits_before = 0
     users = {ptr: len(names) for ptr, names in _weight_users(model).items()}
+    stored = _stored_bits(model)
     for p in model.parameters():
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
         params_before += p.numel()
-        bits_before += p.numel() * _dtype_bits(p.dtype)
+        bits_before += stored.get(p.data_ptr(), p.numel() * _dtype_bits(p.dtype))
     terms: dict[str, dict[bool, tuple[int, int]]] = {}
     method_cache: dict[str, tuple[bool, str]] = {}
     for name, lp in plan.layers.items():
@@ -210,9 +211,23 @@ def _size_terms(model: nn.Module, plan: Plan) -> tuple[dict, dict[str, dict[bool
             factorized = (rank is not None and factorizable and can_factorize(module)
                           and factorization_saves(d_in, d_out, rank))
             if not (factorized and users.get(weight.data_ptr(), 1) > 1):
-                p_new, b_new = p_new - weight.numel(), b_new - weight.numel() * dbits
+                p_new = p_new - weight.numel()
+                b_new = b_new - stored.get(weight.data_ptr(), weight.numel() * dbits)
             terms[name][factorizable] = (p_new, b_new)
     return {"params_before": int(params_before), "bits_before": int(bits_before)}, terms
+
+
+def _stored_bits(model: nn.Module) -> dict[int, int]:
+    """Storage pointer → stored bits of every weight already quantized (a compressed directory loaded again:
+    its layers carry a QuantRecord): B bits per weight plus a 16-bit scale per group, not the float dtype
+    the dequantized values are held in."""
+    out: dict[int, int] = {}
+    for mod in model.modules():
+        rec = mod.__dict__.get(QUANT_ATTR)
+        w = getattr(mod, "weight", None) if rec is not None else None
+        if isinstance(w, torch.Tensor) and hasattr(rec, "bits") and hasattr(rec, "scales"):
+            out[w.data_ptr()] = int(w.numel()) * int(rec.bits) + SCALE_BITS * int(rec.scales.numel())
+    return out
 
 
 def _size_total(base: dict, terms: dict[str, dict[bool, tuple[int, int]]], keep_dense: Collection[str]) -> dict:

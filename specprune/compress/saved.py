@@ -522,8 +522,8 @@ def load_saved(path: str | Path, arch: str | Callable[[], nn.Module] | None = No
         model = _build_hf(d, str(src.get("architecture")), dtype)
     else:
         hint = f" (it was built with --arch {src['arch']})" if src.get("arch") else ""
-        raise InputError(f"{d} was compressed from a non-Hugging Face model{hint}: pass arch='module:callable' "
-                         "explicitly; nothing named inside a received directory is imported")
+        raise InputError(f"{d} was compressed from a non-Hugging Face model{hint}: pass --arch module:callable "
+                         "(Python: arch=) explicitly; nothing named inside a received directory is imported")
     modules = dict(model.named_modules())
     for name, fspec in spec["factorized"].items():
         if name not in modules:

@@ -827,7 +827,8 @@ def test_compressed_directory_never_imports_what_it_names(tmp_path, compressed, 
     spec["source"].update(hf=False, arch="evilpkg_builder:build", architecture="evilpkg_builder:build")
     (d / "specprune.json").write_text(json.dumps(spec))
     msg = invoke(argv("evaluate", d, data, tmp_path / "ev.json"), [d, data], must_not_exist=[tmp_path / "ev.json"])
-    assert "pass arch='module:callable' explicitly; nothing named inside a received directory is imported" in msg
+    assert ("pass --arch module:callable (Python: arch=) explicitly; nothing named inside a received directory is "
+            "imported") in msg
     assert "evilpkg_builder" not in sys.modules and not (tmp_path / "PWNED_import").exists()
 
     spec["source"].update(hf=True, architecture="evilpkg_builder:build")

@@ -150,6 +150,12 @@ def test_analyze_token_sample_flags_the_wide_input_only(tmp_path):
     assert code == 0, stderr
     assert re.search(r"token sampling: 1 input\(s\) ≥ 1024 wide kept \d+ of 3072 tokens \(\d+%\); their top "
                      r"eigenvalues' relative standard error is at most [\d.]+% \(stated bound\)", stderr)
+    assert "sampled nothing" not in stderr
+    # nothing 1024 wide: the option does nothing, and says so
+    code, _, stderr = _run([a for a in args if a not in ("--format", "json", "--out", str(tmp_path / "a"))]
+                           + ["--token-sample", "0.5", "--include", "up"])
+    assert code == 0, stderr
+    assert "--token-sample 0.5 sampled nothing: no input is 1024 or more wide, so every token entered" in stderr
 
 
 def test_tensor_data_with_positions_counts_every_position(tmp_path):
@@ -196,3 +202,13 @@ def test_tensor_data_that_does_not_fit_is_one_line(kind, tmp_path):
               "complex": "layer up got complex features",
               "not-a-torch-file": "is not a readable PyTorch file (corrupted or truncated?): neither a zip"}[kind]
     assert expect in lines[0]
+
+
+def test_series_steps_are_parsed_for_all_or_the_order_for_all():
+    from specprune.cli.analyze import series_steps
+
+    assert series_steps(["runs/checkpoint-100", "runs/step_2000_seed3", "ckpt-1000-v2"]) == ([100, 2000, 1000], None)
+    steps, note = series_steps(["ckpt-100", "step_2000", "final"])
+    assert steps == [0, 1, 2] and "final has no step number in its name" in note
+    steps, note = series_steps(["a/checkpoint-500", "b/checkpoint-500"])
+    assert steps == [0, 1] and "step 500 appears in more than one checkpoint name" in note

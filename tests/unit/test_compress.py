@@ -755,7 +755,7 @@ def test_save_load_non_hf_cnn_needs_explicit_arch(tmp_path):
                                                "arch": "tests.unit.test_compress:make_cnn"},
                     export_dense=True)
     assert not (out / "config.json").exists()
-    with pytest.raises(InputError, match="pass arch="):
+    with pytest.raises(InputError, match=r"pass --arch module:callable \(Python: arch=\)"):
         load(out)
     loaded = load(out, arch=make_cnn)
     assert isinstance(loaded.conv1, FactorizedConv) and type(loaded.conv2) is nn.Conv2d
@@ -787,6 +787,22 @@ def test_bf16_model_round_trip_is_exact(tmp_path):
     assert loaded.a.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(loaded(x), want)
+
+
+def test_a_loaded_compressed_model_is_sized_as_stored(tmp_path):
+    """Compressing a compressed model again: its quantized layers count at their stored bits (the QA saw
+    "0.21 MB → 0.15 MB" for re-quantizing a 4-bit directory whose file did not change)."""
+    torch.manual_seed(0)
+    model = TwoLinear()
+    plan = _layer_plan({"a": LayerPlan(bits=4, group_size=8), "b": LayerPlan(method="spectral", rank=4, bits=6)})
+    apply_(model, plan)
+    out = tmp_path / "q"
+    out.mkdir()
+    save_compressed(model, plan, out)
+    loaded = load(out, arch=TwoLinear)
+    again = plan_size(loaded, _layer_plan({"a": LayerPlan(bits=4, group_size=8)}))
+    assert again["bits_before"] == again["bits_after"] == plan.size["bits_after"]
+    assert again["params_before"] == plan.size["params_after"]
 
 
 def test_load_model_dispatches_and_corruption_is_one_line(tmp_path):
