@@ -40,14 +40,27 @@ def is_main() -> bool:
 
 
 def shutdown() -> None:
-    """Destroy the process group explicitly at exit (left to interpreter teardown, gloo's threads
-    can be destroyed while joinable and abort the process: seen once under load in CI)."""
+    """Meet the other ranks, then destroy the process group explicitly at exit. Left to interpreter
+    teardown, gloo's threads can be destroyed while joinable and abort the process (seen once under load
+    in CI); destroyed while another rank is still finishing, rank 0 aborted the same way ("terminate called
+    without an active exception", seen once more in CI after every rank had its result). The barrier is
+    bounded (gloo: a monitored barrier of 120 s), so a rank that died cannot hold the others."""
     d = _dist()
-    if d is not None:
-        try:
-            d.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort at exit; the command's result stands
-            pass
+    if d is None:
+        return
+    try:
+        if d.get_backend() == "gloo":
+            from datetime import timedelta
+
+            d.monitored_barrier(timeout=timedelta(seconds=120))
+        else:
+            d.barrier()
+    except Exception:  # noqa: BLE001 - best effort at exit; the command's result stands
+        pass
+    try:
+        d.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort at exit; the command's result stands
+        pass
 
 
 def init_from_env() -> bool:
