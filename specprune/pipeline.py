@@ -8,6 +8,7 @@ never seen by calibration unless ``--eval-data`` says otherwise.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     recommender's warning when no allocation met the target on the calibration windows (``log`` when
     not given). ``report``: also write the figures and the report of all of it into ``OUT/report``."""
     warn = warn or log
-    from .compress.apply import apply_
+    from .compress.apply import DequantizedWarning, apply_, dequantized_summary
     from .compress.saved import save_compressed
     from .io import check_output_path, dumps, output_dir
     from .recommender import check_gradient_defined, recommend
@@ -144,7 +145,11 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
         warn(plan.details["warning"])
     evaluator = Evaluator(loaded.model, evalb, metric)  # reference before the model changes
     log(f"applying the plan (predicted delta {plan.predicted_delta:.4g})")
-    apply_(loaded.model, plan, analysis=analysis)
+    with warnings.catch_warnings():  # said in one line below
+        warnings.simplefilter("ignore", DequantizedWarning)
+        apply_(loaded.model, plan, analysis=analysis)
+    if (dequantized := (plan.details.get("applied") or {}).get("dequantized_layers")):
+        warn(dequantized_summary(dequantized))
     ev = evaluator.evaluation(loaded.model, predicted_delta=plan.prediction)
     ev.size = plan.size
     within = ev.measured_delta <= tolerance + plan.predicted_delta_uncertainty

@@ -93,7 +93,8 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     import time
 
     from ..analysis import Analysis
-    from ..compress.apply import IdentityCovarianceWarning, apply_, get_compressor, identity_summary, plan_size
+    from ..compress.apply import (DequantizedWarning, IdentityCovarianceWarning, apply_, dequantized_summary,
+                                  get_compressor, identity_summary, plan_size)
     from ..compress.saved import save_compressed
     from ..errors import InputError, RefusedError
     from ..io import check_output_path, output_dir
@@ -125,11 +126,14 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
         batches = DataSpec(data, None, samples, seq_len, batch_size, seed).calibration(loaded.tokenizer)
     with warnings.catch_warnings():  # the CLI says it in one line (below), not as a Python warning
         warnings.simplefilter("ignore", IdentityCovarianceWarning)
+        warnings.simplefilter("ignore", DequantizedWarning)
         apply_(loaded.model, plan, analysis=analysis, data=batches, quantizer=quantizer)
     covariance = (plan.details.get("applied") or {}).get("covariance", "none")
     identity = (plan.details.get("applied") or {}).get("identity_layers") or []
     if identity:
         ctx.warn(f"{identity_summary(plan, identity)} (no --analysis or --data for their input covariance)")
+    if (dequantized := (plan.details.get("applied") or {}).get("dequantized_layers")):
+        ctx.warn(dequantized_summary(dequantized))
     plan.size = plan_size(loaded.model, plan) if not plan.size else plan.size
     with output_dir(out, inputs, overwrite) as tmp:
         save_compressed(loaded.model, plan, tmp, source=loaded, export_dense=dense)

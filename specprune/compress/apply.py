@@ -137,6 +137,17 @@ def _resolved_rank(lp: LayerPlan, d_in: int, d_out: int, low_rank: bool) -> int 
     return None
 
 
+class DequantizedWarning(UserWarning):
+    """A plan changed layers that were stored quantized without giving them bits: they are floating point now."""
+
+
+def dequantized_summary(names: list[str]) -> str:
+    """One line on the layers a plan took out of their stored quantization (``details.applied.dequantized_layers``)."""
+    return (f"{len(names)} layer(s) stored quantized (e.g. {names[0]}) were changed without bits, so their new "
+            "weights are kept in floating point and no longer quantized: give those layers bits (e.g. quantize the "
+            "result again) to keep them small")
+
+
 class IdentityCovarianceWarning(UserWarning):
     """A covariance-weighted method was applied without a covariance (Σ = I)."""
 
@@ -528,6 +539,10 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
 
         base, size_terms = _size_terms(model, plan)
         plan.size = _size_total(base, size_terms, ())
+        # layers stored quantized already (a compressed model loaded again) that this plan changes without bits:
+        # their new weights are kept in floating point, and the quantization is gone
+        dequantized = [n for n, lp in active.items() if lp.bits is None
+                       and any(QUANT_ATTR in m.__dict__ for m in targets[n].module.modules())]
 
         # apply ------------------------------------------------------------------------------
         for name, lp in active.items():
@@ -577,6 +592,9 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
             plan.size = _size_total(base, size_terms, dense)
         identity_layers = [t.name for t in cov_targets if t.name not in covs]
         plan.details["applied"] = {"covariance": source, "identity_layers": identity_layers}
+        if dequantized:
+            plan.details["applied"]["dequantized_layers"] = dequantized
+            warnings.warn(DequantizedWarning(dequantized_summary(dequantized)), stacklevel=2)
         if quantizer != "rtn" and any(lp.bits is not None for lp in active.values()):
             plan.details["quantizer"] = quantizer
         else:

@@ -805,6 +805,25 @@ def test_a_loaded_compressed_model_is_sized_as_stored(tmp_path):
     assert again["params_before"] == plan.size["params_after"]
 
 
+def test_pruning_a_quantized_layer_without_bits_says_it_is_no_longer_quantized(tmp_path):
+    from specprune.compress.apply import DequantizedWarning
+
+    torch.manual_seed(0)
+    model = TwoLinear()
+    plan = _layer_plan({"a": LayerPlan(bits=4), "b": LayerPlan(bits=4)})
+    apply_(model, plan)
+    out = tmp_path / "q"
+    out.mkdir()
+    save_compressed(model, plan, out)
+    loaded = load(out, arch=TwoLinear)
+    prune = _layer_plan({"a": LayerPlan(method="spectral", rank=4), "b": LayerPlan(method="spectral", rank=4,
+                                                                                     bits=4)})
+    with pytest.warns(DequantizedWarning, match=r"1 layer\(s\) stored quantized \(e.g. a\) were changed without "
+                                                r"bits"):
+        apply_(loaded, prune)
+    assert prune.details["applied"]["dequantized_layers"] == ["a"]  # b keeps bits: requantized, no warning
+
+
 def test_load_model_dispatches_and_corruption_is_one_line(tmp_path):
     from specprune.models import load_model
 
