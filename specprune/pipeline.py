@@ -116,7 +116,7 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     recommender's warning when no allocation met the target on the calibration windows (``log`` when
     not given). ``report``: also write the figures and the report of all of it into ``OUT/report``."""
     warn = warn or log
-    from .compress.apply import DequantizedWarning, apply_, dequantized_summary
+    from .compress.apply import DequantizedWarning, apply_, dequantized_note
     from .compress.saved import save_compressed
     from .io import check_output_path, dumps, output_dir
     from .recommender import check_gradient_defined, recommend
@@ -148,8 +148,8 @@ def compress(loaded: LoadedModel, spec: DataSpec, tolerance: float, out: str | P
     with warnings.catch_warnings():  # said in one line below
         warnings.simplefilter("ignore", DequantizedWarning)
         apply_(loaded.model, plan, analysis=analysis)
-    if (dequantized := (plan.details.get("applied") or {}).get("dequantized_layers")):
-        warn(dequantized_summary(dequantized))
+    if (note := dequantized_note(plan)) is not None:
+        warn(note)
     ev = evaluator.evaluation(loaded.model, predicted_delta=plan.prediction)
     ev.size = plan.size
     within = ev.measured_delta <= tolerance + plan.predicted_delta_uncertainty

@@ -93,7 +93,7 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     import time
 
     from ..analysis import Analysis
-    from ..compress.apply import (DequantizedWarning, IdentityCovarianceWarning, apply_, dequantized_summary,
+    from ..compress.apply import (DequantizedWarning, IdentityCovarianceWarning, apply_, dequantized_note,
                                   get_compressor, identity_summary, plan_size)
     from ..compress.saved import save_compressed
     from ..errors import InputError, RefusedError
@@ -132,8 +132,8 @@ def apply_and_save(model_arg: str, plan_or_builder, out: Path, *, arch, trust, d
     identity = (plan.details.get("applied") or {}).get("identity_layers") or []
     if identity:
         ctx.warn(f"{identity_summary(plan, identity)} (no --analysis or --data for their input covariance)")
-    if (dequantized := (plan.details.get("applied") or {}).get("dequantized_layers")):
-        ctx.warn(dequantized_summary(dequantized))
+    if (note := dequantized_note(plan)) is not None:
+        ctx.warn(note)
     plan.size = plan_size(loaded.model, plan) if not plan.size else plan.size
     with output_dir(out, inputs, overwrite) as tmp:
         save_compressed(loaded.model, plan, tmp, source=loaded, export_dense=dense)

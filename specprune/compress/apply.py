@@ -48,9 +48,9 @@ import contextlib
 import difflib
 import math
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -141,6 +141,19 @@ class DequantizedWarning(UserWarning):
     """A plan changed layers that were stored quantized without giving them bits: they are floating point now."""
 
 
+def carries_quant_record(module: nn.Module) -> bool:
+    """Whether ``module`` (or a factor inside it) holds quantized weights: a QuantRecord left by a quantizer,
+    or by :func:`~specprune.compress.saved.load` for a layer stored quantized."""
+    return any(QUANT_ATTR in m.__dict__ for m in module.modules())
+
+
+def dequantized_note(plan: Plan) -> str | None:
+    """The one line :func:`apply_` warned (:class:`DequantizedWarning`), from ``details.applied``, for callers
+    that say it themselves; None when no layer lost its stored quantization."""
+    names = (plan.details.get("applied") or {}).get("dequantized_layers")
+    return dequantized_summary(names) if names else None
+
+
 def dequantized_summary(names: list[str]) -> str:
     """One line on the layers a plan took out of their stored quantization (``details.applied.dequantized_layers``)."""
     return (f"{len(names)} layer(s) stored quantized (e.g. {names[0]}) were changed without bits, so their new "
@@ -164,7 +177,7 @@ def identity_summary(plan: Plan, names: list[str]) -> str:
     return "; ".join(parts)
 
 
-def plan_size(model: nn.Module, plan: Plan, keep_dense: Collection[str] = ()) -> dict:
+def plan_size(model: nn.Module, plan: Plan) -> dict:
     """The contract's ``size`` of ``plan`` applied to ``model``, computed from shapes (the model is
     not modified; call it on the uncompressed model).
 
@@ -173,9 +186,9 @@ def plan_size(model: nn.Module, plan: Plan, keep_dense: Collection[str] = ()) ->
     :func:`layer_size` (factors when factorized; B bits per quantized weight plus a 16-bit scale per
     group or channel; unstructured pruning removes ⌊rate·numel⌉ parameters but no stored bits);
     biases and everything else keep their size. A factorized layer whose weight is shared with
-    another module keeps that weight (it is still used there) and adds its factors. ``keep_dense``:
-    low-rank layers that were truncated in place rather than factorized (a plugin that keeps them dense)."""
-    return _size_total(*_size_terms(model, plan), keep_dense)
+    another module keeps that weight (it is still used there) and adds its factors. (:func:`apply_`
+    counts a low-rank layer a plugin truncated in place, unfactorized, at its dense size.)"""
+    return _size_total(*_size_terms(model, plan), ())
 
 
 def _size_terms(model: nn.Module, plan: Plan) -> tuple[dict, dict[str, dict[bool, tuple[int, int]]]]:
@@ -466,7 +479,8 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
         targets[name] = TargetLayer(name, module, adapter)
 
     recorded = plan.details.get("quantizer")
-    if quantizer is None and recorded is not None and any(lp.bits is not None for lp in active.values()):
+    quantizes = any(lp.bits is not None for lp in active.values())
+    if quantizer is None and recorded is not None and quantizes:
         if not isinstance(recorded, str) or not recorded:
             raise InputError(f"the plan's details.quantizer must be a compressor name, got {recorded!r}")
         if recorded != "rtn" and recorded not in {p.name for p in registry.available("compressors")}:
@@ -541,8 +555,7 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
         plan.size = _size_total(base, size_terms, ())
         # layers stored quantized already (a compressed model loaded again) that this plan changes without bits:
         # their new weights are kept in floating point, and the quantization is gone
-        dequantized = [n for n, lp in active.items() if lp.bits is None
-                       and any(QUANT_ATTR in m.__dict__ for m in targets[n].module.modules())]
+        dequantized = [n for n, lp in active.items() if lp.bits is None and carries_quant_record(targets[n].module)]
 
         # apply ------------------------------------------------------------------------------
         for name, lp in active.items():
@@ -575,8 +588,7 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
                     raise SpecpruneError(
                         f"{registry.describe('compressors', quant_name)} does not follow the compressor protocol: "
                         f"apply() on layer {name} returned a {type(result).__name__}, not None or an nn.Module")
-                quantized = result if isinstance(result, nn.Module) else module
-                if not any(QUANT_ATTR in m.__dict__ for m in quantized.modules()):
+                if not carries_quant_record(result if isinstance(result, nn.Module) else module):
                     raise SpecpruneError(
                         f"{registry.describe('compressors', quant_name)} does not follow the compressor protocol: "
                         f"apply() on layer {name} left no QuantRecord (specprune.compress.quantize.QUANT_ATTR), "
@@ -595,7 +607,7 @@ def apply_(model: nn.Module, plan: Plan | dict | str | Path, analysis: Any = Non
         if dequantized:
             plan.details["applied"]["dequantized_layers"] = dequantized
             warnings.warn(DequantizedWarning(dequantized_summary(dequantized)), stacklevel=2)
-        if quantizer != "rtn" and any(lp.bits is not None for lp in active.values()):
+        if quantizer != "rtn" and quantizes:
             plan.details["quantizer"] = quantizer
         else:
             plan.details.pop("quantizer", None)
